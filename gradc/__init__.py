@@ -1,0 +1,60 @@
+"""gradc: a symbolic-to-code gradient compiler.
+
+Write a loss or layer as a small Python function over ``gradc`` tensors, and gradc traces
+it, differentiates it in reverse mode with SymPy, and emits readable, dependency-free C
+that it builds into native kernels you can call on NumPy arrays.
+"""
+
+__version__ = "0.1.0"
+
+from .dsl import (  # noqa: E402
+    Dim,
+    Tensor,
+    TensorType,
+    abs_ as abs,
+    arccos,
+    arcsin,
+    arctan,
+    broadcast_to,
+    concatenate,
+    cos,
+    cosh,
+    einsum,
+    exp,
+    expm1,
+    f32,
+    f64,
+    grad,
+    kernel,
+    log,
+    log1p,
+    logsumexp,
+    matmul,
+    max,
+    maximum,
+    mean,
+    min,
+    minimum,
+    negative,
+    reciprocal,
+    relu,
+    reshape,
+    sigmoid,
+    sign,
+    sin,
+    sinh,
+    softplus,
+    sqrt,
+    square,
+    stack,
+    stop_gradient,
+    sum,
+    tan,
+    tanh,
+    transpose,
+    value_and_grad,
+    where,
+)
+from .errors import DimensionError, DTypeError, GradcError, ShapeError, TraceError  # noqa: E402
+from .compiler import compile  # noqa: E402
+from .runtime import CompiledKernel  # noqa: E402

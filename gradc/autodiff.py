@@ -1,0 +1,112 @@
+"""Reverse-mode differentiation of the tensor graph, producing a graph of the same kind.
+
+There is one rule, for :class:`~gradc.ir.Map` ``out[π_out(L)] ⊕= f(x_j[π_j(L)])``::
+
+    x̄_j[π_j(L)] += ōut[π_out(L)] · ∂f/∂x_j           (summed over the same loop box L)
+
+with ``∂f/∂x_j`` from :func:`sympy.diff`.  For ``max``/``min`` reductions the factor
+``[f == out] / count`` sends the gradient to the extremal elements, split evenly at ties.
+A :class:`~gradc.ir.Reshape`'s adjoint is the reshaped cotangent.  Because every adjoint
+is again a Map, the result can be differentiated again.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import sympy as sp
+
+from . import ir
+from .scalar import clean_derivative
+
+
+def vjp(outputs: Sequence[ir.Node], cotangents: Sequence[ir.Node], wrt: Sequence[ir.Node]) -> list[ir.Node]:
+    """Nodes holding ``Σ_k cotangent_k · ∂output_k/∂w`` for each ``w`` in ``wrt``."""
+    order = ir.topo_order(outputs)
+    wrt_ids = {w.id for w in wrt}
+    depends: set[int] = set()
+    for node in order:
+        if node.id in wrt_ids or any(a.id in depends for a in node.args):
+            depends.add(node.id)
+    pending: dict[int, list[ir.Node]] = defaultdict(list)
+    for out, cot in zip(outputs, cotangents):
+        if out.id in depends:
+            pending[out.id].append(cot)
+    adjoints: dict[int, ir.Node] = {}
+    for node in reversed(order):
+        parts = pending.pop(node.id, None)
+        if not parts:
+            continue
+        adj = _accumulate(parts, node)
+        adjoints[node.id] = adj
+        for arg, contribution in _rules(node, adj):
+            if arg.id in depends:
+                pending[arg.id].append(contribution)
+    return [adjoints.get(w.id) or _zeros(w) for w in wrt]
+
+
+def _adjoint_name(node: ir.Node) -> str:
+    return f"d_{node.label()}"
+
+
+def _accumulate(parts: list[ir.Node], node: ir.Node) -> ir.Node:
+    if len(parts) == 1:
+        adj = parts[0]
+        if adj.name is None and isinstance(adj, ir.Map):
+            adj.name = _adjoint_name(node)
+        return adj
+    index = ir.identity_map(node.rank)
+    return ir.elementwise(node.shape, [(p, index) for p in parts], lambda *s: sp.Add(*s), name=_adjoint_name(node), loc=node.loc)
+
+
+def _zeros(node: ir.Node) -> ir.Node:
+    return ir.constant(0, node.shape, loc=node.loc)
+
+
+def _rules(node: ir.Node, adj: ir.Node) -> Iterator[tuple[ir.Node, ir.Node]]:
+    if isinstance(node, ir.Reshape):
+        yield node.arg, ir.Reshape(adj, node.arg.shape, name=_adjoint_name(node.arg), loc=node.loc)
+    elif isinstance(node, ir.Map):
+        yield from map_adjoints(node, adj)
+
+
+def map_adjoints(node: ir.Map, adj: ir.Node) -> Iterator[tuple[ir.Node, ir.Node]]:
+    """The contribution of ``node`` to the adjoint of each of its operands."""
+    extremum = node.reduce in ("max", "min")
+    count = tie_count(node) if extremum else None
+    for op in node.operands:
+        if op.node.dtype == "bool":
+            continue  # masks are piecewise constant
+        d = clean_derivative(sp.diff(node.expr, op.symbol))
+        if d == 0:
+            continue
+        operands = [(adj, node.out_index)] + [(o.node, o.index) for o in node.operands]
+        olds = [o.symbol for o in node.operands]
+        if extremum:
+            operands += [(node, node.out_index), (count, node.out_index)]
+
+        def body(g, *syms, d=d, olds=olds):
+            local = d.xreplace(dict(zip(olds, syms)))
+            if extremum:
+                value, n = syms[len(olds)], syms[len(olds) + 1]
+                hit = sp.Piecewise((1, sp.Eq(node.expr.xreplace(dict(zip(olds, syms))), value)), (0, True))
+                local = local * hit / n
+            return g * local
+
+        contribution = ir.Map(
+            op.node.shape, node.loop, op.index, operands, body, reduce="sum", name=_adjoint_name(op.node), loc=node.loc
+        )
+        yield op.node, ir.canonical(contribution)
+
+
+def tie_count(node: ir.Map) -> ir.Map:
+    """How many elements of a max/min reduction attain the extremum (for splitting ties)."""
+    olds = [o.symbol for o in node.operands]
+    operands = [(o.node, o.index) for o in node.operands] + [(node, node.out_index)]
+
+    def body(*syms):
+        f = node.expr.xreplace(dict(zip(olds, syms[:-1])))
+        return sp.Piecewise((1, sp.Eq(f, syms[-1])), (0, True))
+
+    return ir.Map(node.shape, node.loop, node.out_index, operands, body, reduce="sum", loc=node.loc)

@@ -1,0 +1,183 @@
+"""The compiler driver: trace → fuse → differentiate → fuse/prune → C → native module.
+
+Each stage is a function of the previous stage's value; this module only sequences them
+and records, for the runtime, what each generated function takes and returns.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import textwrap
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import sympy as sp
+
+from . import autodiff, codegen, ir, rewrite
+from .dsl import Kernel, Traced, kernel as as_kernel
+from .errors import GradcError
+from .runtime import CompiledKernel
+
+DTYPES = ("f32", "f64")
+
+
+@dataclass
+class Lowered:
+    """A kernel ready for code generation, plus what the runtime needs to call it."""
+
+    spec: codegen.KernelSpec
+    meta: dict
+
+
+def _shape_strings(shape) -> list[str]:
+    return [str(d) for d in shape]
+
+
+def _compute_dtype(traced: Traced, dtype: str | None) -> str:
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise GradcError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return dtype
+    return "f64" if any(p.type.dtype == "f64" for p in traced.params) else "f32"
+
+
+def _wrt_list(traced: Traced, wrt) -> tuple[list[str], bool]:
+    names = [p.name for p in traced.params]
+    if wrt is None:
+        return names, False
+    single = isinstance(wrt, str)
+    wanted = [w.strip() for w in wrt.split(",")] if single else list(wrt)
+    single = single and len(wanted) == 1
+    for w in wanted:
+        if w not in names:
+            raise GradcError(
+                f"kernel '{traced.kernel_name}' has no parameter {w!r} to differentiate with respect to "
+                f"(parameters: {', '.join(names)})",
+                filename=traced.source_file,
+                lineno=traced.source_line,
+            )
+    if len(set(wanted)) != len(wanted):
+        raise GradcError(f"wrt lists a parameter twice: {wanted}")
+    return wanted, single
+
+
+def _source_of(fn: Callable) -> str:
+    try:
+        return textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return ""
+
+
+def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = None) -> Lowered:
+    """Trace ``k`` and build its entry points (forward, value_and_grad, vjp) as fused graphs."""
+    traced = k.trace()
+    graph = traced.graph
+    dtype = _compute_dtype(traced, dtype)
+    wrt_names, single = _wrt_list(traced, wrt)
+    cname = name or k.name
+    params = graph.inputs
+    by_name = {i.param: i for i in params}
+    n_out = len(graph.outputs)
+    outs = rewrite.fuse(graph.outputs)
+    out_names = graph.output_names
+    sig = ", ".join(p.name for p in traced.params)
+
+    def shape_doc(nodes: Sequence[tuple[str, ir.Node]]) -> str:
+        return ", ".join(f"{n}[{']['.join(map(str, node.shape))}]" if node.rank else f"{n} (scalar)" for n, node in nodes)
+
+    entries = [
+        codegen.Entry(
+            "forward",
+            params,
+            list(zip(out_names, rewrite.prune(outs))),
+            f"{cname}_forward: {', '.join(out_names)} = {k.name}({sig}).\n"
+            f"Shapes: {shape_doc([(p.param, p) for p in params] + list(zip(out_names, outs)))}.",
+        )
+    ]
+    scalar = n_out == 1 and graph.outputs[0].rank == 0
+    if wrt_names:
+        wrt_nodes = [by_name[w] for w in wrt_names]
+        grad_names = [f"d_{w}" for w in wrt_names]
+        grads_doc = ", ".join(f"d_{w} = d{out_names[0]}/d{w}" for w in wrt_names)
+        if scalar:
+            grads = autodiff.vjp(outs, [ir.constant(1)], wrt_nodes)
+            final = rewrite.prune(rewrite.fuse(outs + grads))
+            entries.append(
+                codegen.Entry(
+                    "value_and_grad",
+                    params,
+                    list(zip(out_names + grad_names, final)),
+                    f"{cname}_value_and_grad: {out_names[0]} = {k.name}({sig}) and its gradients {grads_doc}.\n"
+                    f"Shapes: {shape_doc([(p.param, p) for p in params] + list(zip(out_names + grad_names, final)))}.",
+                )
+            )
+        cotangents = [ir.Input(f"ct_{n}", o.shape) for n, o in zip(out_names, graph.outputs)]
+        grads = autodiff.vjp(outs, cotangents, wrt_nodes)
+        final = rewrite.prune(rewrite.fuse(outs + grads))
+        entries.append(
+            codegen.Entry(
+                "vjp",
+                params + cotangents,
+                list(zip(out_names + grad_names, final)),
+                f"{cname}_vjp: {', '.join(out_names)} = {k.name}({sig}) and the vector-Jacobian products\n"
+                f"d_w = sum over outputs of ct_out * dout/dw for w in {', '.join(wrt_names)}.\n"
+                f"Shapes: {shape_doc([(c.param, c) for c in cotangents] + list(zip(grad_names, grads)))}.",
+            )
+        )
+    origin = f"{os.path.basename(traced.source_file)}:{traced.source_line}" if traced.source_file else ""
+    spec = codegen.KernelSpec(
+        name=codegen.Names().take(cname),
+        dtype=dtype,
+        dims=traced.dims,
+        constraints=traced.constraints,
+        entries=entries,
+        source=_source_of(k.fn),
+        origin=origin,
+    )
+    meta = {
+        "name": spec.name,
+        "kernel": k.name,
+        "dtype": dtype,
+        "dims": traced.dims,
+        "params": [{"name": p.name, "dtype": p.type.dtype, "dims": list(p.type.dims)} for p in traced.params],
+        "constraints": [[str(c), msg] for c, msg in traced.constraints],
+        "outputs": [{"name": n, "shape": _shape_strings(o.shape)} for n, o in zip(out_names, graph.outputs)],
+        "tuple_output": traced.returns_tuple,
+        "wrt": wrt_names,
+        "wrt_single": single,
+        "entries": {e.suffix: f"{spec.name}_{e.suffix}" for e in entries},
+    }
+    return Lowered(spec, meta)
+
+
+def compile_many(lowered: Sequence[Lowered], module: str, *, cflags: Sequence[str] | None = None):
+    from . import build
+
+    rendered = codegen.render([l.spec for l in lowered], module)
+    built = build.build_module(rendered.translation_unit(), rendered.cdef, name=module, cflags=list(cflags) if cflags else None)
+    return rendered, built
+
+
+_memo: dict[tuple, CompiledKernel] = {}
+
+
+def compile(fn, wrt=None, dtype: str | None = None, *, cflags: Sequence[str] | None = None) -> CompiledKernel:
+    """Compile a ``@gradc.kernel`` (or an annotated function) into native kernels.
+
+    ``wrt`` names the parameters to differentiate with respect to (default: all; a list
+    gives gradients as a tuple, a single name gives one array).  ``dtype`` ("f32"/"f64")
+    overrides the precision the annotations imply.  Built once; later calls, in this
+    process or another, load the module from the cache.
+    """
+    k = fn if isinstance(fn, Kernel) else as_kernel(fn)
+    key = (id(k), tuple(wrt) if isinstance(wrt, (list, tuple)) else wrt, dtype, tuple(cflags or ()))
+    cached = _memo.get(key)
+    if cached is not None and cached.kernel is k:
+        return cached
+    lowered = lower(k, wrt, dtype)
+    rendered, built = compile_many([lowered], lowered.spec.name, cflags=cflags)
+    compiled = CompiledKernel(lowered.meta, built.ffi, built.lib, c_source=rendered.c_source, header=rendered.header)
+    compiled.kernel = k
+    _memo[key] = compiled
+    return compiled

@@ -1,0 +1,134 @@
+"""SymPy → C99 expression printing: float32 or float64 math, stable forms of gradc's functions.
+
+The printer knows expression syntax only; the shape of the emitted files lives in the
+Jinja templates (see :mod:`gradc.codegen`).
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+from sympy.codegen.ast import float32, float64, real
+from sympy.printing.c import C99CodePrinter
+
+
+class GradcCPrinter(C99CodePrinter):
+    """C99 printer for one precision.  Every helper it calls is in ``<math.h>``."""
+
+    def __init__(self, dtype: str):
+        super().__init__(settings={"type_aliases": {real: float32 if dtype == "f32" else float64}})
+        self.dtype = dtype
+        self.ctype = "float" if dtype == "f32" else "double"
+        self.suffix = "f" if dtype == "f32" else ""
+
+    def fn(self, name: str) -> str:
+        return name + self.suffix
+
+    def lit(self, value) -> str:
+        return self._print(sp.Float(value) if not isinstance(value, sp.Basic) else value)
+
+    # -- constants ----------------------------------------------------------------
+    def _print_Pi(self, expr):
+        # M_PI is POSIX, not C99.
+        return self._print(sp.Float(sp.pi.evalf(20), 20))
+
+    def _print_Exp1(self, expr):
+        return self._print(sp.Float(sp.E.evalf(20), 20))
+
+    # -- powers: small integer powers as products, halves as square roots --------------
+    def _print_Pow(self, expr):
+        base, e = expr.base, expr.exp
+        if e.is_Integer and 2 <= int(e) <= 4:
+            b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"])
+            return "*".join([b] * int(e))
+        if e.is_Integer and -4 <= int(e) <= -1:
+            return f"{self.lit(1)}/({self._print(base ** (-e))})"
+        if e == sp.Rational(1, 2):
+            return f"{self.fn('sqrt')}({self._print(base)})"
+        if e == -sp.Rational(1, 2):
+            return f"{self.lit(1)}/{self.fn('sqrt')}({self._print(base)})"
+        if base == sp.E:
+            return f"{self.fn('exp')}({self._print(e)})"
+        return f"{self.fn('pow')}({self._print(base)}, {self._print(e)})"
+
+    # -- gradc's scalar functions, in forms that are finite wherever the math is ---------
+    def _print_Sigmoid(self, expr):
+        x = self._print(expr.args[0])
+        one = self.lit(1)
+        # 1/(1+exp(-x)) never overflows to NaN: exp(-x) = inf gives exactly 0.
+        return f"({one}/({one} + {self.fn('exp')}(-({x}))))"
+
+    def _print_Softplus(self, expr):
+        x = self._print(expr.args[0])
+        return f"({self.fn('fmax')}({x}, {self.lit(0)}) + {self.fn('log1p')}({self.fn('exp')}(-{self.fn('fabs')}({x}))))"
+
+    def _print_Relu(self, expr):
+        x = self._print(expr.args[0])
+        return f"({x} > 0 ? {x} : {self.lit(0)})"
+
+    def _print_Step(self, expr):
+        x = self._print(expr.args[0])
+        return f"({x} > 0 ? {self.lit(1)} : {self.lit(0)})"
+
+    def _print_Heaviside(self, expr):
+        x = self._print(expr.args[0])
+        h0 = expr.args[1] if len(expr.args) > 1 else sp.Rational(1, 2)
+        return f"({x} > 0 ? {self.lit(1)} : ({x} < 0 ? {self.lit(0)} : {self.lit(h0)}))"
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        # sign(0) = 0 and sign(NaN) = NaN, as in NumPy.
+        return f"({x} > 0 ? {self.lit(1)} : ({x} < 0 ? {self.lit(-1)} : {x}))"
+
+    def _print_StopGradient(self, expr):
+        return self._print(expr.args[0])
+
+    def _print_Max(self, expr):
+        if len(expr.args) == 1:
+            return self._print(expr.args[0])
+        rest = sp.Max(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1]
+        return f"{self.fn('fmax')}({self._print(expr.args[0])}, {self._print(rest)})"
+
+    def _print_Min(self, expr):
+        if len(expr.args) == 1:
+            return self._print(expr.args[0])
+        rest = sp.Min(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1]
+        return f"{self.fn('fmin')}({self._print(expr.args[0])}, {self._print(rest)})"
+
+    def _print_Piecewise(self, expr):
+        # A select, not a product with a mask: the branch not taken never leaks Inf/NaN.
+        *pieces, (last, last_cond) = expr.args
+        if last_cond is not sp.true:
+            pieces.append((last, last_cond))
+            last = sp.nan
+        out = self._print(last)
+        for value, cond in reversed(pieces):
+            out = f"({self._print(cond)} ? {self._print(value)} : {out})"
+        return out
+
+    def _print_Relational(self, expr):
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+
+    def _print_BooleanTrue(self, expr):
+        return "1"
+
+    def _print_BooleanFalse(self, expr):
+        return "0"
+
+    def _print_And(self, expr):
+        return "(" + " && ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " || ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Not(self, expr):
+        return f"(!{self._print(expr.args[0])})"
+
+
+class IndexPrinter(C99CodePrinter):
+    """Integer index and extent arithmetic (``ptrdiff_t``)."""
+
+    def _print_Relational(self, expr):
+        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
+
+    def _print_And(self, expr):
+        return " && ".join(f"({self._print(a)})" for a in expr.args)

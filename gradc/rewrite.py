@@ -1,0 +1,131 @@
+"""Graph rewrites between differentiation and code generation.
+
+* :func:`fuse` inlines elementwise producers into their consumers, so that a chain of
+  elementwise ops becomes one loop body (one pass over memory) and the derivative of the
+  whole body is taken symbolically at once.  Running it *before* differentiation matters
+  for stability too: ``where(x > 0, log(x), 0)`` differentiates to a selection of
+  ``1/x`` and ``0`` rather than to ``0 · (1/x)``, which is NaN at 0.
+* :func:`prune` keeps only what the outputs need (dead code elimination) and removes the
+  stop-gradient markers that differentiation no longer needs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import sympy as sp
+
+from . import ir
+from .scalar import strip_stop_gradient
+
+#: An elementwise body at most this costly is recomputed by every consumer instead of stored.
+CHEAP_OPS = 1
+
+
+def _cheap(node: ir.Map) -> bool:
+    return sp.count_ops(node.expr) <= CHEAP_OPS and not node.expr.has(sp.Function)
+
+
+def _reads_each_once(index: ir.IndexMap, consumer: ir.Map) -> bool:
+    used = {a.var for a in index if a.var is not None}
+    return all(v in used or consumer.loop[v] == 1 for v in range(len(consumer.loop)))
+
+
+def fuse(outputs: Sequence[ir.Node]) -> list[ir.Node]:
+    """Return new output nodes with elementwise producers inlined into their consumers."""
+    order = ir.topo_order(outputs)
+    users = ir.consumers(order)
+    keep = {o.id for o in outputs}
+    new: dict[int, ir.Node] = {}
+
+    def inlinable(producer: ir.Node, original: ir.Node, index: ir.IndexMap, consumer: ir.Map) -> bool:
+        if not isinstance(producer, ir.Map) or not producer.is_elementwise or original.id in keep:
+            return False
+        if _cheap(producer):
+            return True
+        return len(users[original.id]) == 1 and _reads_each_once(index, consumer)
+
+    for node in order:
+        if isinstance(node, ir.Input):
+            new[node.id] = node
+        elif isinstance(node, ir.Reshape):
+            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc)
+        else:
+            new[node.id] = _fuse_node(node, new, inlinable)
+    return [new[o.id] for o in outputs]
+
+
+def _fuse_node(node: ir.Map, new: dict[int, ir.Node], inlinable) -> ir.Map:
+    operands: list[tuple[ir.Node, ir.IndexMap]] = []
+    dummies: list[sp.Symbol] = []
+    subs: dict[sp.Symbol, sp.Expr] = {}
+    changed = False
+
+    def add(n: ir.Node, index: ir.IndexMap) -> sp.Symbol:
+        d = sp.Symbol(f"_f{len(dummies)}") if n.dtype == "bool" else sp.Symbol(f"_f{len(dummies)}", real=True)
+        operands.append((n, index))
+        dummies.append(d)
+        return d
+
+    for op in node.operands:
+        producer = new[op.node.id]
+        if producer is not op.node:
+            changed = True
+        if isinstance(producer, ir.Map) and inlinable(producer, op.node, op.index, node):
+            inner = {p.symbol: add(p.node, tuple(a.compose(op.index[a.var]) if a.var is not None else a for a in p.index)) for p in producer.operands}
+            subs[op.symbol] = producer.expr.xreplace(inner)
+            changed = True
+        else:
+            subs[op.symbol] = add(producer, op.index)
+    if not changed:
+        return node
+    expr = node.expr.xreplace(subs)
+    fused = ir.Map(
+        node.shape,
+        node.loop,
+        node.out_index,
+        operands,
+        lambda *syms: expr.xreplace(dict(zip(dummies, syms))),
+        reduce=node.reduce,
+        dtype=node.dtype,
+        name=node.name,
+        loc=node.loc,
+    )
+    fused.sources = getattr(node, "sources", set()) | {node.loc} | _sources(node, new)
+    return fused
+
+
+def _sources(node: ir.Map, new) -> set:
+    out = set()
+    for op in node.operands:
+        p = new[op.node.id]
+        out |= getattr(p, "sources", set()) | ({p.loc} if p.loc else set())
+    return out
+
+
+def prune(outputs: Sequence[ir.Node]) -> list[ir.Node]:
+    """Rebuild the graph the outputs need, with stop-gradient markers removed."""
+    order = ir.topo_order(outputs)
+    new: dict[int, ir.Node] = {}
+    for node in order:
+        if isinstance(node, ir.Input):
+            new[node.id] = node
+        elif isinstance(node, ir.Reshape):
+            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc)
+        else:
+            expr = strip_stop_gradient(node.expr)
+            olds = [o.symbol for o in node.operands]
+            rebuilt = ir.Map(
+                node.shape,
+                node.loop,
+                node.out_index,
+                [(new[o.node.id], o.index) for o in node.operands],
+                lambda *s, expr=expr, olds=olds: expr.xreplace(dict(zip(olds, s))),
+                reduce=node.reduce,
+                dtype=node.dtype,
+                name=node.name,
+                loc=node.loc,
+            )
+            rebuilt.sources = getattr(node, "sources", set())
+            new[node.id] = rebuilt
+    return [new[o.id] for o in outputs]
