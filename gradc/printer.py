@@ -39,13 +39,14 @@ class GradcCPrinter(C99CodePrinter):
         base, e = expr.base, expr.exp
         if e.is_Integer and 2 <= int(e) <= 4:
             b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"])
-            return "*".join([b] * int(e))
+            # Parenthesised: the Mul printer treats a Pow as atomic (e.g. in a denominator).
+            return "(" + "*".join([b] * int(e)) + ")"
         if e.is_Integer and -4 <= int(e) <= -1:
-            return f"{self.lit(1)}/({self._print(base ** (-e))})"
+            return f"({self.lit(1)}/({self._print(base ** (-e))}))"
         if e == sp.Rational(1, 2):
             return f"{self.fn('sqrt')}({self._print(base)})"
         if e == -sp.Rational(1, 2):
-            return f"{self.lit(1)}/{self.fn('sqrt')}({self._print(base)})"
+            return f"({self.lit(1)}/{self.fn('sqrt')}({self._print(base)}))"
         if base == sp.E:
             return f"{self.fn('exp')}({self._print(e)})"
         return f"{self.fn('pow')}({self._print(base)}, {self._print(e)})"
