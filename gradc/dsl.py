@@ -361,8 +361,11 @@ def broadcast_index(shape: Sequence[sp.Expr], out_shape: Sequence[sp.Expr]) -> i
     )
 
 
-def _ewise(fn: Callable, *args, dtype: str = "float", hint: str | None = None) -> Tensor:
-    """An elementwise op: tensors are broadcast, Python numbers and dimensions become constants."""
+def _ewise(fn: Callable, *args, dtype: str = "float", hint: str | None = None, masks_as_bool: bool = False) -> Tensor:
+    """An elementwise op: tensors are broadcast, Python numbers and dimensions become constants.
+
+    Masks reach ``fn`` as 0/1 numbers, unless ``masks_as_bool`` (for ops that take a condition).
+    """
     tensors = [a for a in args if isinstance(a, Tensor)]
     consts = {}
     for i, a in enumerate(args):
@@ -373,7 +376,7 @@ def _ewise(fn: Callable, *args, dtype: str = "float", hint: str | None = None) -
             consts[i] = e
     shape = broadcast_shapes(*(t.node.shape for t in tensors))
     operands = [(t.node, broadcast_index(t.node.shape, shape)) for t in tensors]
-    float_ops = [False if isinstance(a, Tensor) and a.node.dtype == "bool" else True for a in args]
+    keep = [not (isinstance(a, Tensor) and a.node.dtype == "bool") or masks_as_bool or dtype == "bool" for a in args]
 
     def body(*syms):
         it = iter(syms)
@@ -383,7 +386,7 @@ def _ewise(fn: Callable, *args, dtype: str = "float", hint: str | None = None) -
                 vals.append(consts[i])
             else:
                 s = next(it)
-                vals.append(s if float_ops[i] or dtype == "bool" else sp.Piecewise((1, s), (0, True)))
+                vals.append(s if keep[i] else sp.Piecewise((1, s), (0, True)))
         return fn(*vals)
 
     return _hinted(ir.elementwise(shape, operands, body, dtype=dtype, loc=user_location()), hint)
@@ -465,7 +468,14 @@ def where(condition, a, b) -> Tensor:
     The gradient is selected the same way, so an Inf or NaN in the branch not taken never
     reaches the gradient (``where(x > 0, log(x), 0)`` has gradient 0 at x = 0).
     """
-    return _ewise(lambda c, x, y: sp.Piecewise((x, c), (y, True)), _as_mask(condition), _as_float(a), _as_float(b), hint="where")
+    return _ewise(
+        lambda c, x, y: sp.Piecewise((x, c), (y, True)),
+        _as_mask(condition),
+        _as_float(a),
+        _as_float(b),
+        hint="where",
+        masks_as_bool=True,
+    )
 
 
 def stop_gradient(x) -> Tensor:
