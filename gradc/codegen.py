@@ -226,7 +226,12 @@ class FunctionLowering:
         local = self.names.child()
         loop_vars = []
         pool = [c for c in LOOP_VARS] + [f"i{n}" for n in range(len(node.loop))]
-        for _ in node.loop:
+        for extent in node.loop:
+            # A loop over a one-letter named dimension N is called n, so the C reads like the math.
+            dim = str(extent).lower() if extent.is_Symbol and len(str(extent)) == 1 else None
+            if dim and dim not in local.taken:
+                loop_vars.append(local.take(dim))
+                continue
             while pool and pool[0] in local.taken:
                 pool.pop(0)
             loop_vars.append(local.take(pool.pop(0)))
@@ -246,7 +251,7 @@ class FunctionLowering:
                 body_lines.append(f"const {self.ctype} {name} = {buf}[{offset}];")
                 subs[op.symbol] = sp.Symbol(name, real=True)
         expr = node.expr.xreplace(subs).xreplace({s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()})
-        temps, (value,) = sp.cse([expr], symbols=(sp.Symbol(local.take(f"t{n}"), real=True) for n in range(10**6)))
+        temps, (value,) = sp.cse([_expand_small_powers(expr)], symbols=(sp.Symbol(local.take(f"t{n}"), real=True) for n in range(10**6)))
         for sym, e in temps:
             kind = "int" if isinstance(e, sp.logic.boolalg.Boolean) else self.ctype
             body_lines.append(f"const {kind} {sym} = {self.fp.doprint(e)};")
@@ -322,7 +327,7 @@ class FunctionLowering:
         if len(body) > 100:
             body = body[:97] + "..."
         where = ""
-        locs = sorted({loc for loc in ({node.loc} | set(getattr(node, "sources", set()))) if loc}, key=lambda l: (l[0], l[1]))
+        locs = sorted(node.sources)
         if locs:
             files = {os.path.basename(f) for f, _ in locs}
             lines = ", ".join(str(l) for l in sorted({l for _, l in locs}))
@@ -334,6 +339,18 @@ class FunctionLowering:
         e = self.names.child().take("e")
         size = self.index(ir.num_elements(node.shape))
         return Nest([f"{name} = {src} (output copy)"], None, [(e, size)], None, [], [f"{name}[{e}] = {src}[{e}];"], None)
+
+
+def _expand_small_powers(expr: sp.Expr) -> sp.Expr:
+    """Write ``f(x)**2`` as ``f(x)*f(x)`` so that CSE sees ``f(x)`` twice and computes it once.
+
+    The printer prints small integer powers as products anyway; without this the call
+    would be emitted twice, and a C compiler may not merge libm calls (errno).
+    """
+    return expr.replace(
+        lambda e: e.is_Pow and e.exp.is_Integer and 2 <= abs(int(e.exp)) <= 4 and not e.base.is_Atom,
+        lambda e: sp.Mul(*[e.base] * abs(int(e.exp)), evaluate=False) ** (1 if e.exp > 0 else -1),
+    )
 
 
 def repr_affine(a: ir.Affine, loop_vars) -> str:

@@ -106,6 +106,16 @@ class Node:
         self.dtype = dtype
         self.name = name
         self.loc = loc
+        #: every DSL source line this node computes something for (grows as rewrites merge nodes)
+        self.sources: frozenset[Location] = frozenset({loc}) if loc else frozenset()
+
+    def inherit(self, *others: "Node") -> "Node":
+        """Take the name, hint and source lines of the node(s) a rewrite made this one from."""
+        for other in others:
+            self.name = self.name or other.name
+            self.hint = self.hint or other.hint
+            self.sources = self.sources | other.sources
+        return self
 
     @property
     def rank(self) -> int:
@@ -271,7 +281,7 @@ def canonical(node: Map) -> Map:
         dtype=node.dtype,
         name=node.name,
         loc=node.loc,
-    )
+    ).inherit(node)
 
 
 def elementwise(shape, operands: Sequence[tuple[Node, IndexMap]], expr_fn, dtype="float", name=None, loc=None) -> Map:

@@ -49,7 +49,7 @@ def fuse(outputs: Sequence[ir.Node]) -> list[ir.Node]:
         if isinstance(node, ir.Input):
             new[node.id] = node
         elif isinstance(node, ir.Reshape):
-            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc)
+            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc).inherit(node)
         else:
             new[node.id] = _fuse_node(node, new, inlinable)
     return [new[o.id] for o in outputs]
@@ -60,6 +60,7 @@ def _fuse_node(node: ir.Map, new: dict[int, ir.Node], inlinable) -> ir.Map:
     dummies: list[sp.Symbol] = []
     subs: dict[sp.Symbol, sp.Expr] = {}
     changed = False
+    inlined: list[ir.Node] = []
 
     def add(n: ir.Node, index: ir.IndexMap) -> sp.Symbol:
         d = sp.Symbol(f"_f{len(dummies)}") if n.dtype == "bool" else sp.Symbol(f"_f{len(dummies)}", real=True)
@@ -74,6 +75,7 @@ def _fuse_node(node: ir.Map, new: dict[int, ir.Node], inlinable) -> ir.Map:
         if isinstance(producer, ir.Map) and inlinable(producer, op.node, op.index, node):
             inner = {p.symbol: add(p.node, tuple(a.compose(op.index[a.var]) if a.var is not None else a for a in p.index)) for p in producer.operands}
             subs[op.symbol] = producer.expr.xreplace(inner)
+            inlined.append(producer)
             changed = True
         else:
             subs[op.symbol] = add(producer, op.index)
@@ -91,16 +93,7 @@ def _fuse_node(node: ir.Map, new: dict[int, ir.Node], inlinable) -> ir.Map:
         name=node.name,
         loc=node.loc,
     )
-    fused.sources = getattr(node, "sources", set()) | {node.loc} | _sources(node, new)
-    return fused
-
-
-def _sources(node: ir.Map, new) -> set:
-    out = set()
-    for op in node.operands:
-        p = new[op.node.id]
-        out |= getattr(p, "sources", set()) | ({p.loc} if p.loc else set())
-    return out
+    return fused.inherit(node, *inlined)
 
 
 def prune(outputs: Sequence[ir.Node]) -> list[ir.Node]:
@@ -111,7 +104,7 @@ def prune(outputs: Sequence[ir.Node]) -> list[ir.Node]:
         if isinstance(node, ir.Input):
             new[node.id] = node
         elif isinstance(node, ir.Reshape):
-            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc)
+            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc).inherit(node)
         else:
             expr = strip_stop_gradient(node.expr)
             olds = [o.symbol for o in node.operands]
@@ -126,6 +119,5 @@ def prune(outputs: Sequence[ir.Node]) -> list[ir.Node]:
                 name=node.name,
                 loc=node.loc,
             )
-            rebuilt.sources = getattr(node, "sources", set())
-            new[node.id] = rebuilt
+            new[node.id] = rebuilt.inherit(node)
     return [new[o.id] for o in outputs]
