@@ -55,6 +55,21 @@ from .dsl import (  # noqa: E402
     value_and_grad,
     where,
 )
-from .errors import DimensionError, DTypeError, GradcError, ShapeError, TraceError  # noqa: E402
+from .errors import DimensionError, DTypeError, GradcError, ShapeError, TraceError, UnknownOpError  # noqa: E402
 from .compiler import compile  # noqa: E402
 from .runtime import CompiledKernel  # noqa: E402
+
+
+def __getattr__(name: str):
+    # A misspelt op inside a kernel must name the user's line (the CLI prints one line,
+    # not a traceback); dunder probes by tools stay plain AttributeErrors.
+    if name.startswith("__"):
+        raise AttributeError(f"module 'gradc' has no attribute {name!r}")
+    import difflib
+
+    from .dsl import _error
+
+    public = [n for n in globals() if not n.startswith("_")]
+    close = difflib.get_close_matches(name, public, n=3, cutoff=0.7)
+    hint = f" (did you mean {', '.join('gradc.' + c for c in close)}?)" if close else ""
+    raise _error(UnknownOpError, f"gradc has no function or attribute {name!r}{hint}")

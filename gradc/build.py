@@ -73,22 +73,21 @@ def _compiler() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiler_identity(cc: str) -> str:
-    """The compiler's version line: a new compiler gives new binaries."""
+def compiler_identity(cc: str) -> str | None:
+    """The compiler's version line (a new compiler gives new binaries), or None if it is missing."""
     exe = cc.split()[0]
     if shutil.which(exe) is None:
-        raise BuildError(
-            f"no C compiler found: gradc needs one to build kernels (looked for {exe!r}; install gcc or clang, "
-            f"or set CC to your compiler)"
-        )
+        return None
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise BuildError(f"the C compiler {exe!r} does not run: {exc}") from None
+    except (OSError, subprocess.SubprocessError):
+        return None
     return out.stdout.splitlines()[0] if out.stdout else exe
 
 
 def cache_key(source: str, cdef: str, cflags: Sequence[str]) -> str:
+    """A hash of what selects the binary.  The compiler's version is checked against the
+    entry's manifest instead, so that a cached kernel loads on a machine without a compiler."""
     import cffi
 
     h = hashlib.sha256()
@@ -96,7 +95,6 @@ def cache_key(source: str, cdef: str, cflags: Sequence[str]) -> str:
         source,
         cdef,
         " ".join(cflags),
-        _compiler_identity(_compiler()),
         sys.implementation.cache_tag or "",
         sysconfig.get_config_var("EXT_SUFFIX") or "",
         platform.machine(),
@@ -112,11 +110,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _valid_entry(entry: Path) -> Path | None:
-    """The extension in ``entry`` when the manifest vouches for it, else None."""
+def _valid_entry(entry: Path, compiler: str | None) -> Path | None:
+    """The extension in ``entry`` when the manifest vouches for it, else None.
+
+    With ``compiler`` given, an entry built by another compiler version is stale too.
+    """
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
         so = entry / manifest["extension"]
+        if compiler is not None and manifest["compiler"] != compiler:
+            return None
         if so.is_file() and _sha256(so) == manifest["sha256"]:
             return so
     except (OSError, ValueError, KeyError, TypeError):
@@ -164,14 +167,14 @@ class _redirect_fds:
             os.close(saved)
 
 
-def _publish(staging: Path, entry: Path) -> None:
+def _publish(staging: Path, entry: Path, compiler: str) -> None:
     """Move a finished ``staging`` folder to ``entry``; whoever renames first wins."""
     try:
         os.rename(staging, entry)
         return
     except OSError:
         pass
-    if _valid_entry(entry) is not None:
+    if _valid_entry(entry, compiler) is not None:
         return  # another process finished the same build first
     # A broken entry is in the way: move it aside (atomically), then try once more.
     graveyard = entry.with_name(f".{entry.name}.broken-{uuid.uuid4().hex}")
@@ -182,7 +185,7 @@ def _publish(staging: Path, entry: Path) -> None:
     try:
         os.rename(staging, entry)
     except OSError:
-        if _valid_entry(entry) is None:
+        if _valid_entry(entry, compiler) is None:
             raise
     shutil.rmtree(graveyard, ignore_errors=True)
 
@@ -205,8 +208,15 @@ def build_module(source: str, cdef: str, *, name: str, cflags: Sequence[str] | N
     module_name = f"_gradc_{name}_{key}"
     root = cache_dir()
     entry = root / module_name
-    so = _valid_entry(entry)
+    cc = _compiler()
+    compiler = compiler_identity(cc)
+    so = _valid_entry(entry, compiler)
     if so is None:
+        if compiler is None:
+            raise BuildError(
+                f"no C compiler found: gradc needs one to build kernels (looked for {cc.split()[0]!r}; "
+                f"install gcc or clang, or set CC to your compiler)"
+            )
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{module_name}.", dir=root))
         try:
@@ -217,13 +227,12 @@ def build_module(source: str, cdef: str, *, name: str, cflags: Sequence[str] | N
             shutil.move(str(built), final)
             shutil.rmtree(work)
             (staging / f"{name}.c").write_text(source)
-            (staging / MANIFEST).write_text(
-                json.dumps({"extension": final.name, "sha256": _sha256(final), "cflags": flags, "gradc": __version__})
-            )
-            _publish(staging, entry)
+            manifest = {"extension": final.name, "sha256": _sha256(final), "compiler": compiler, "cflags": flags, "gradc": __version__}
+            (staging / MANIFEST).write_text(json.dumps(manifest))
+            _publish(staging, entry, compiler)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        so = _valid_entry(entry)
+        so = _valid_entry(entry, compiler)
         if so is None:
             raise BuildError(f"the cache entry {entry} could not be written")
     module = _load(so, module_name)

@@ -130,8 +130,10 @@ def write_package(target: Path, module: str, origin: str, lowered, rendered, bui
     """Write the package into a temporary folder next to ``target``, then swap it in."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{module}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    old = target.parent / f".{module}.old-{os.getpid()}"
+    for leftover in (staging, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     staging.mkdir()
     try:
         (staging / f"{module}.c").write_text(rendered.c_source)
@@ -151,12 +153,19 @@ def write_package(target: Path, module: str, origin: str, lowered, rendered, bui
             ext_module=built.module_name,
         )
         (staging / "__init__.py").write_text(glue)
+        # Swap by renames, never deleting first: a failed swap puts the old package back.
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+            os.replace(target, old)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if old.exists():
+                os.replace(old, target)
+            raise
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        for leftover in (staging, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
 
 
 @main.command("show")

@@ -23,6 +23,7 @@ import sympy as sp
 
 from . import __version__, ir
 from .printer import GradcCPrinter, IndexPrinter
+from .scalar import lower_for_c
 
 C_KEYWORDS = set(
     """auto break case char const continue default do double else enum extern float for goto if inline int long
@@ -30,6 +31,14 @@ C_KEYWORDS = set(
     _Bool _Complex _Imaginary bool true false class new delete this template typename namespace operator private
     public protected virtual friend using try catch throw export asm INFINITY NAN""".split()
 )
+# A local buffer named after an op (`sin`, `exp`) would shadow the <math.h> function it calls.
+C_KEYWORDS |= {
+    name + suffix
+    for name in """sin cos tan asin acos atan atan2 sinh cosh tanh asinh acosh atanh exp exp2 expm1 log log2 log10
+    log1p sqrt cbrt pow fabs fmax fmin fma floor ceil round trunc fmod hypot erf erfc tgamma lgamma copysign
+    nan nearbyint rint lround remainder""".split()
+    for suffix in ("", "f", "l")
+} | set("HUGE_VAL HUGE_VALF isnan isinf isfinite signbit fpclassify size_t ptrdiff_t NULL".split())
 LOOP_VARS = "ijklmnpqrstuvw"
 ALIGN_ELEMENTS = 16  # 64-byte alignment for float, 128 for double: whole cache lines / vectors
 
@@ -251,7 +260,7 @@ class FunctionLowering:
                 body_lines.append(f"const {self.ctype} {name} = {buf}[{offset}];")
                 subs[op.symbol] = sp.Symbol(name, real=True)
         expr = node.expr.xreplace(subs).xreplace({s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()})
-        temps, (value,) = sp.cse([_expand_small_powers(expr)], symbols=(sp.Symbol(local.take(f"t{n}"), real=True) for n in range(10**6)))
+        temps, (value,) = sp.cse([_expand_small_powers(lower_for_c(expr))], symbols=(sp.Symbol(local.take(f"t{n}"), real=True) for n in range(10**6)))
         for sym, e in temps:
             kind = "int" if isinstance(e, sp.logic.boolalg.Boolean) else self.ctype
             body_lines.append(f"const {kind} {sym} = {self.fp.doprint(e)};")

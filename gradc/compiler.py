@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections import Counter
 import textwrap
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import sympy as sp
 
-from . import autodiff, codegen, ir, rewrite
+from . import autodiff, codegen, ir, rewrite, stability
 from .dsl import Kernel, Traced, kernel as as_kernel
 from .errors import GradcError
 from .runtime import CompiledKernel
@@ -69,8 +70,12 @@ def _source_of(fn: Callable) -> str:
         return ""
 
 
-def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = None) -> Lowered:
-    """Trace ``k`` and build its entry points (forward, value_and_grad, vjp) as fused graphs."""
+def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = None, stable: bool = True) -> Lowered:
+    """Trace ``k`` and build its entry points (forward, value_and_grad, vjp) as fused graphs.
+
+    With ``stable`` (the default) the stability rewrites of :mod:`gradc.stability` run on
+    the fused forward graph before it is differentiated.
+    """
     traced = k.trace()
     graph = traced.graph
     dtype = _compute_dtype(traced, dtype)
@@ -79,7 +84,10 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
     params = graph.inputs
     by_name = {i.param: i for i in params}
     n_out = len(graph.outputs)
+    fired: Counter = Counter()
     outs = rewrite.fuse(graph.outputs)
+    if stable:
+        outs = stability.stabilize(outs, fired)
     out_names = graph.output_names
     sig = ", ".join(p.name for p in traced.params)
 
@@ -90,7 +98,7 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
         codegen.Entry(
             "forward",
             params,
-            list(zip(out_names, rewrite.prune(outs))),
+            list(zip(out_names, rewrite.prune(rewrite.fuse(outs)))),
             f"{cname}_forward: {', '.join(out_names)} = {k.name}({sig}).\n"
             f"Shapes: {shape_doc([(p.param, p) for p in params] + list(zip(out_names, outs)))}.",
         )
@@ -145,6 +153,8 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
         "outputs": [{"name": n, "shape": _shape_strings(o.shape)} for n, o in zip(out_names, graph.outputs)],
         "tuple_output": traced.returns_tuple,
         "wrt": wrt_names,
+        "stable": stable,
+        "rewrites": dict(fired),
         "wrt_single": single,
         "entries": {e.suffix: f"{spec.name}_{e.suffix}" for e in entries},
     }
@@ -162,20 +172,23 @@ def compile_many(lowered: Sequence[Lowered], module: str, *, cflags: Sequence[st
 _memo: dict[tuple, CompiledKernel] = {}
 
 
-def compile(fn, wrt=None, dtype: str | None = None, *, cflags: Sequence[str] | None = None) -> CompiledKernel:
+def compile(
+    fn, wrt=None, dtype: str | None = None, *, cflags: Sequence[str] | None = None, stable: bool = True
+) -> CompiledKernel:
     """Compile a ``@gradc.kernel`` (or an annotated function) into native kernels.
 
     ``wrt`` names the parameters to differentiate with respect to (default: all; a list
     gives gradients as a tuple, a single name gives one array).  ``dtype`` ("f32"/"f64")
-    overrides the precision the annotations imply.  Built once; later calls, in this
+    overrides the precision the annotations imply.  ``stable=False`` turns the stability
+    rewrites off (to compare with what a tape would compute).  Built once; later calls, in this
     process or another, load the module from the cache.
     """
     k = fn if isinstance(fn, Kernel) else as_kernel(fn)
-    key = (id(k), tuple(wrt) if isinstance(wrt, (list, tuple)) else wrt, dtype, tuple(cflags or ()))
+    key = (id(k), tuple(wrt) if isinstance(wrt, (list, tuple)) else wrt, dtype, tuple(cflags or ()), stable)
     cached = _memo.get(key)
     if cached is not None and cached.kernel is k:
         return cached
-    lowered = lower(k, wrt, dtype)
+    lowered = lower(k, wrt, dtype, stable=stable)
     rendered, built = compile_many([lowered], lowered.spec.name, cflags=cflags)
     compiled = CompiledKernel(lowered.meta, built.ffi, built.lib, c_source=rendered.c_source, header=rendered.header)
     compiled.kernel = k

@@ -949,7 +949,7 @@ class Kernel:
         if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
             return self.fn(*args, **kwargs)  # called from another kernel: inline it
         if self._forward is None:
-            from .runtime import compile as compile_kernel
+            from .compiler import compile as compile_kernel
 
             self._forward = compile_kernel(self, wrt=[])
         return self._forward(*args, **kwargs)

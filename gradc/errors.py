@@ -34,5 +34,9 @@ class TraceError(GradcError, TypeError):
     """The kernel did something the tracer cannot record (e.g. ``if`` on a traced tensor)."""
 
 
+class UnknownOpError(GradcError, AttributeError):
+    """A kernel uses ``gradc.<name>`` for a name that gradc does not define."""
+
+
 class DimensionError(ShapeError):
     """A named dimension is used where a concrete Python number is needed at trace time."""

@@ -218,7 +218,8 @@ class Map(Node):
         return tuple(op.node for op in self.operands)
 
     def out_vars(self) -> list[int]:
-        return [a.var for a in self.out_index if a.var is not None]
+        # Distinct: a diagonal write (the adjoint of einsum "ii->i") names one loop index twice.
+        return list(dict.fromkeys(a.var for a in self.out_index if a.var is not None))
 
     def reduced_vars(self) -> list[int]:
         used = set(self.out_vars())

@@ -15,7 +15,8 @@ class GradcCPrinter(C99CodePrinter):
     """C99 printer for one precision.  Every helper it calls is in ``<math.h>``."""
 
     def __init__(self, dtype: str):
-        super().__init__(settings={"type_aliases": {real: float32 if dtype == "f32" else float64}})
+        # No math_macros: M_LN2, M_SQRT2, ... are POSIX, not C99 (log(2) would print as M_LN2).
+        super().__init__(settings={"type_aliases": {real: float32 if dtype == "f32" else float64}, "math_macros": {}})
         self.dtype = dtype
         self.ctype = "float" if dtype == "f32" else "double"
         self.suffix = "f" if dtype == "f32" else ""
@@ -51,20 +52,15 @@ class GradcCPrinter(C99CodePrinter):
             return f"{self.fn('exp')}({self._print(e)})"
         return f"{self.fn('pow')}({self._print(base)}, {self._print(e)})"
 
-    # -- gradc's scalar functions, in forms that are finite wherever the math is ---------
-    def _print_Sigmoid(self, expr):
+    # -- gradc's scalar functions (Sigmoid and Softplus are lowered before CSE: scalar.lower_for_c)
+    def _print_FiniteOrZero(self, expr):
         x = self._print(expr.args[0])
-        one = self.lit(1)
-        # 1/(1+exp(-x)) never overflows to NaN: exp(-x) = inf gives exactly 0.
-        return f"({one}/({one} + {self.fn('exp')}(-({x}))))"
-
-    def _print_Softplus(self, expr):
-        x = self._print(expr.args[0])
-        return f"({self.fn('fmax')}({x}, {self.lit(0)}) + {self.fn('log1p')}({self.fn('exp')}(-{self.fn('fabs')}({x}))))"
+        return f"(isfinite({x}) ? {x} : {self.lit(0)})"
 
     def _print_Relu(self, expr):
         x = self._print(expr.args[0])
-        return f"({x} > 0 ? {x} : {self.lit(0)})"
+        # relu(NaN) = NaN, as in NumPy's maximum(x, 0): NaN <= 0 is false.
+        return f"({x} <= 0 ? {self.lit(0)} : {x})"
 
     def _print_Step(self, expr):
         x = self._print(expr.args[0])
@@ -83,17 +79,19 @@ class GradcCPrinter(C99CodePrinter):
     def _print_StopGradient(self, expr):
         return self._print(expr.args[0])
 
-    def _print_Max(self, expr):
+    def _nan_select(self, expr, cmp: str) -> str:
+        # NumPy's maximum/minimum: a NaN in either operand is the result (fmax/fmin drop it).
         if len(expr.args) == 1:
             return self._print(expr.args[0])
-        rest = sp.Max(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1]
-        return f"{self.fn('fmax')}({self._print(expr.args[0])}, {self._print(rest)})"
+        a = self._print(expr.args[0])
+        b = self._print(expr.func(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1])
+        return f"(({a} {cmp} {b} || {a} != {a}) ? {a} : {b})"
+
+    def _print_Max(self, expr):
+        return self._nan_select(expr, ">")
 
     def _print_Min(self, expr):
-        if len(expr.args) == 1:
-            return self._print(expr.args[0])
-        rest = sp.Min(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1]
-        return f"{self.fn('fmin')}({self._print(expr.args[0])}, {self._print(rest)})"
+        return self._nan_select(expr, "<")
 
     def _print_Piecewise(self, expr):
         # A select, not a product with a mask: the branch not taken never leaks Inf/NaN.

@@ -32,14 +32,15 @@ def _heaviside(x, h0=0.5):
 _FUNCTIONS = {
     "Sigmoid": _sigmoid,
     "Softplus": _softplus,
-    "Relu": lambda x: np.where(x > 0, x, 0.0),
+    "Relu": lambda x: np.where(x <= 0, 0.0, x),
     "Step": lambda x: np.where(x > 0, 1.0, 0.0),
     "StopGradient": lambda x: x,
+    "FiniteOrZero": lambda x: np.where(np.isfinite(x), x, 0.0),
     "Heaviside": _heaviside,
     "log1p": np.log1p,
     "expm1": np.expm1,
-    "Max": np.fmax,
-    "Min": np.fmin,
+    "Max": np.maximum,
+    "Min": np.minimum,
 }
 assert {Relu.__name__, Sigmoid.__name__, Softplus.__name__, Step.__name__, StopGradient.__name__} <= set(_FUNCTIONS)
 

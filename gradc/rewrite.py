@@ -20,6 +20,10 @@ from .scalar import strip_stop_gradient
 
 #: An elementwise body at most this costly is recomputed by every consumer instead of stored.
 CHEAP_OPS = 1
+#: An elementwise body at most this costly is recomputed inside a select (``where``), so that
+#: the select's derivative sees it and chooses between derivatives instead of multiplying
+#: a NaN from the branch not taken by zero.
+SELECT_INLINE_OPS = 64
 
 
 def _cheap(node: ir.Map) -> bool:
@@ -31,19 +35,29 @@ def _reads_each_once(index: ir.IndexMap, consumer: ir.Map) -> bool:
     return all(v in used or consumer.loop[v] == 1 for v in range(len(consumer.loop)))
 
 
+def _through(inner: ir.IndexMap, outer: ir.IndexMap) -> ir.IndexMap:
+    """An operand index of an inlined elementwise producer, seen from its consumer's loop."""
+    return tuple(a.compose(outer[a.var]) if a.var is not None else a for a in inner)
+
+
 def fuse(outputs: Sequence[ir.Node]) -> list[ir.Node]:
     """Return new output nodes with elementwise producers inlined into their consumers."""
     order = ir.topo_order(outputs)
     users = ir.consumers(order)
     keep = {o.id for o in outputs}
     new: dict[int, ir.Node] = {}
+    origin: dict[int, ir.Node] = {}  # a rebuilt node's id -> the node of ``outputs``' graph it stands for
 
-    def inlinable(producer: ir.Node, original: ir.Node, index: ir.IndexMap, consumer: ir.Map) -> bool:
+    def inlinable(producer: ir.Node, index: ir.IndexMap, consumer: ir.Map) -> bool:
+        original = origin[producer.id]
         if not isinstance(producer, ir.Map) or not producer.is_elementwise or original.id in keep:
             return False
         if _cheap(producer):
             return True
-        return len(users[original.id]) == 1 and _reads_each_once(index, consumer)
+        once = _reads_each_once(index, consumer)
+        if once and consumer.expr.has(sp.Piecewise) and sp.count_ops(producer.expr) <= SELECT_INLINE_OPS:
+            return True
+        return once and len(users[original.id]) == 1
 
     for node in order:
         if isinstance(node, ir.Input):
@@ -52,14 +66,13 @@ def fuse(outputs: Sequence[ir.Node]) -> list[ir.Node]:
             new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc).inherit(node)
         else:
             new[node.id] = _fuse_node(node, new, inlinable)
+        origin[new[node.id].id] = node
     return [new[o.id] for o in outputs]
 
 
 def _fuse_node(node: ir.Map, new: dict[int, ir.Node], inlinable) -> ir.Map:
     operands: list[tuple[ir.Node, ir.IndexMap]] = []
     dummies: list[sp.Symbol] = []
-    subs: dict[sp.Symbol, sp.Expr] = {}
-    changed = False
     inlined: list[ir.Node] = []
 
     def add(n: ir.Node, index: ir.IndexMap) -> sp.Symbol:
@@ -68,18 +81,16 @@ def _fuse_node(node: ir.Map, new: dict[int, ir.Node], inlinable) -> ir.Map:
         dummies.append(d)
         return d
 
-    for op in node.operands:
-        producer = new[op.node.id]
-        if producer is not op.node:
-            changed = True
-        if isinstance(producer, ir.Map) and inlinable(producer, op.node, op.index, node):
-            inner = {p.symbol: add(p.node, tuple(a.compose(op.index[a.var]) if a.var is not None else a for a in p.index)) for p in producer.operands}
-            subs[op.symbol] = producer.expr.xreplace(inner)
+    def bind(producer: ir.Node, index: ir.IndexMap) -> sp.Expr:
+        # Recursive: a producer inlined into a select may itself read one that should be.
+        if inlinable(producer, index, node):
             inlined.append(producer)
-            changed = True
-        else:
-            subs[op.symbol] = add(producer, op.index)
-    if not changed:
+            inner = {p.symbol: bind(p.node, _through(p.index, index)) for p in producer.operands}
+            return producer.expr.xreplace(inner)
+        return add(producer, index)
+
+    subs = {op.symbol: bind(new[op.node.id], op.index) for op in node.operands}
+    if not inlined and all(new[op.node.id] is op.node for op in node.operands):
         return node
     expr = node.expr.xreplace(subs)
     fused = ir.Map(

@@ -9,26 +9,47 @@ from __future__ import annotations
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-__all__ = ["Sigmoid", "Softplus", "Relu", "StopGradient", "Step", "log1p", "expm1", "strip_stop_gradient", "clean_derivative"]
+__all__ = [
+    "Sigmoid",
+    "Softplus",
+    "Relu",
+    "StopGradient",
+    "Step",
+    "FiniteOrZero",
+    "log1p",
+    "expm1",
+    "lower_for_c",
+    "strip_stop_gradient",
+    "clean_derivative",
+]
 
 
 class Sigmoid(sp.Function):
-    """1 / (1 + exp(-x)); emitted in a form that never overflows for either sign."""
+    """1 / (1 + exp(-x)); emitted with e = exp(-|x|) as 1/(1 + e) or e/(1 + e), accurate for both signs."""
 
     is_real = True
 
     def fdiff(self, argindex=1):
-        s = Sigmoid(self.args[0])
-        return s * (1 - s)
+        # sigmoid(x) * sigmoid(-x), not s * (1 - s): no cancellation to 0 where s rounds to 1.
+        return Sigmoid(self.args[0]) * Sigmoid(-self.args[0])
+
+    @staticmethod
+    def c_form(x):
+        e = sp.exp(-sp.Abs(x))
+        return sp.Piecewise((1 / (1 + e), x >= 0), (e / (1 + e), True))
 
 
 class Softplus(sp.Function):
-    """log(1 + exp(x)); emitted as max(x, 0) + log1p(exp(-|x|))."""
+    """log(1 + exp(x)); emitted as max(x, 0) + log1p(exp(-|x|)), which never overflows."""
 
     is_real = True
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0])
+
+    @staticmethod
+    def c_form(x):
+        return sp.Max(x, 0) + log1p(sp.exp(-sp.Abs(x)))
 
 
 class Step(sp.Function):
@@ -56,6 +77,24 @@ class StopGradient(sp.Function):
 
     def fdiff(self, argindex=1):
         return sp.Integer(0)
+
+
+class FiniteOrZero(sp.Function):
+    """x where x is finite, else 0: the shift out of a sum of exponentials, which must not
+    turn a row of -inf (an empty softmax) into NaN."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(1)
+
+
+def lower_for_c(expr: sp.Expr) -> sp.Expr:
+    """Replace the functions that have a ``c_form`` by it, so CSE shares their pieces."""
+    for fn in (Sigmoid, Softplus):
+        if expr.has(fn):
+            expr = expr.replace(fn, fn.c_form)
+    return expr
 
 
 def strip_stop_gradient(expr: sp.Expr) -> sp.Expr:
