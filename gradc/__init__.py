@@ -19,6 +19,7 @@ from .dsl import (  # noqa: E402
     concatenate,
     cos,
     cosh,
+    custom_gradient,
     einsum,
     exp,
     expm1,
@@ -56,7 +57,7 @@ from .dsl import (  # noqa: E402
     where,
 )
 from .errors import DimensionError, DTypeError, GradcError, ShapeError, TraceError, UnknownOpError  # noqa: E402
-from .compiler import compile  # noqa: E402
+from .compiler import compile, hessian  # noqa: E402
 from .runtime import CompiledKernel  # noqa: E402
 
 

@@ -69,6 +69,10 @@ def _rules(node: ir.Node, adj: ir.Node) -> Iterator[tuple[ir.Node, ir.Node]]:
         yield node.arg, ir.Reshape(adj, node.arg.shape, name=_adjoint_name(node.arg), loc=node.loc)
     elif isinstance(node, ir.Map):
         yield from map_adjoints(node, adj)
+    elif isinstance(node, ir.CustomGradient):
+        for arg, g in zip(node.inputs, node.rule(adj)):
+            if g is not None:
+                yield arg, g
 
 
 def map_adjoints(node: ir.Map, adj: ir.Node) -> Iterator[tuple[ir.Node, ir.Node]]:
@@ -110,3 +114,61 @@ def tie_count(node: ir.Map) -> ir.Map:
         return sp.Piecewise((1, sp.Eq(f, syms[-1])), (0, True))
 
     return ir.Map(node.shape, node.loop, node.out_index, operands, body, reduce="sum", loc=node.loc)
+
+
+def jvp(outputs: Sequence[ir.Node], wrt: Sequence[ir.Node], tangents: Sequence[ir.Node]) -> list[ir.Node]:
+    """Nodes holding ``Σ_w ∂output/∂w · tangent_w`` for each output (forward mode).
+
+    The same one rule as reverse mode, read forwards: a Map's tangent is a Map over the
+    same loop box whose body is ``Σ_j ∂f/∂x_j · ẋ_j`` — one fused loop per node, not dual
+    numbers.  A custom gradient's value is differentiated directly.
+    """
+    tangent: dict[int, ir.Node] = {w.id: t for w, t in zip(wrt, tangents)}
+    for node in ir.topo_order(outputs):
+        if node.id in tangent or node.dtype == "bool":
+            continue
+        if isinstance(node, ir.Reshape):
+            if node.arg.id in tangent:
+                tangent[node.id] = ir.Reshape(tangent[node.arg.id], node.shape, name=f"t_{node.label()}", loc=node.loc)
+        elif isinstance(node, ir.CustomGradient):
+            if node.value.id in tangent:
+                tangent[node.id] = tangent[node.value.id]
+        elif isinstance(node, ir.Map):
+            t = map_tangent(node, tangent)
+            if t is not None:
+                tangent[node.id] = t
+    return [tangent.get(o.id) or _zeros(o) for o in outputs]
+
+
+def map_tangent(node: ir.Map, tangent: dict[int, ir.Node]) -> ir.Map | None:
+    """The tangent of ``node`` given the tangents of (some of) its operands, or None if none has one."""
+    dual = [op for op in node.operands if op.node.id in tangent and op.node.dtype != "bool"]
+    partials = [clean_derivative(sp.diff(node.expr, op.symbol)) for op in dual]
+    if not any(d != 0 for d in partials):
+        return None
+    extremum = node.reduce in ("max", "min")
+    olds = [o.symbol for o in node.operands]
+    operands = [(o.node, o.index) for o in node.operands] + [(tangent[op.node.id], op.index) for op in dual]
+    if extremum:
+        operands += [(node, node.out_index), (tie_count(node), node.out_index)]
+
+    def body(*syms):
+        values, tans = syms[: len(olds)], syms[len(olds) : len(olds) + len(dual)]
+        sub = dict(zip(olds, values))
+        total = sp.Add(*(d.xreplace(sub) * t for d, t in zip(partials, tans)))
+        if extremum:
+            value, count = syms[len(olds) + len(dual) :]
+            hit = sp.Piecewise((1, sp.Eq(node.expr.xreplace(sub), value)), (0, True))
+            total = total * hit / count
+        return total
+
+    return ir.Map(
+        node.shape,
+        node.loop,
+        node.out_index,
+        operands,
+        body,
+        reduce="sum" if extremum else node.reduce,
+        name=f"t_{node.label()}",
+        loc=node.loc,
+    )

@@ -85,6 +85,7 @@ class Function:
     buffers: list[str]
     nests: list[Nest]
     workspace_terms: list[str]
+    unused: list[str]
 
 
 @dataclass
@@ -157,8 +158,7 @@ class FunctionLowering:
         self.dim_syms = {ir.dim_symbol(d): d for d in spec.dims}
         self.buffers: dict[int, str] = {}
         self.shapes: dict[str, tuple] = {}
-        self.const_buffers: set[str] = set()
-        self.lines: list[str] = []
+        self.read: set[str] = set()
         self.temps: list[tuple[str, sp.Expr]] = []
 
     def index(self, expr) -> str:
@@ -171,7 +171,6 @@ class FunctionLowering:
             name = self.names.take(inp.param)
             self.buffers[inp.id] = name
             self.shapes[name] = inp.shape
-            self.const_buffers.add(name)
             params.append(f"const {self.ctype} *{name}")
         out_names = []
         for cname, node in entry.outputs:
@@ -212,6 +211,10 @@ class FunctionLowering:
             offset.append(f"gradc_round_up({self.index(size)})")
         checks = self.checks()
         restrict_params = [p.replace(" *", " *restrict ") for p in params]
+        # An entry need not read every input (a constant Hessian ignores its point).
+        unused = [self.buffers[i.id] for i in entry.inputs if self.buffers[i.id] not in self.read]
+        if not self.temps:
+            unused.append(ws)
         return Function(
             name=f"{self.spec.name}_{entry.suffix}",
             doc=entry.doc.splitlines(),
@@ -221,6 +224,7 @@ class FunctionLowering:
             buffers=buffers,
             nests=nests,
             workspace_terms=offset,
+            unused=unused,
         )
 
     def checks(self) -> list[str]:
@@ -249,6 +253,7 @@ class FunctionLowering:
         body_lines, subs = [], {}
         for op in node.operands:
             buf = self.buffers[op.node.id]
+            self.read.add(buf)
             letters = "".join(loop_vars[a.var] if a.is_plain and len(loop_vars[a.var]) == 1 else ("0" if a.var is None and a.offset == 0 else "") for a in op.index)
             pretty = f"{buf}_{letters}" if len(letters) == op.node.rank and op.node.rank else buf.lower() if op.node.rank == 0 else f"{buf}_v"
             name = local.take(pretty if pretty != buf else buf + "_")
@@ -345,6 +350,7 @@ class FunctionLowering:
 
     def copy(self, name: str, node: ir.Node) -> Nest:
         src = self.buffers[node.id]
+        self.read.add(src)
         e = self.names.child().take("e")
         size = self.index(ir.num_elements(node.shape))
         return Nest([f"{name} = {src} (output copy)"], None, [(e, size)], None, [], [f"{name}[{e}] = {src}[{e}];"], None)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections import Counter
 import textwrap
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -94,45 +94,43 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
     def shape_doc(nodes: Sequence[tuple[str, ir.Node]]) -> str:
         return ", ".join(f"{n}[{']['.join(map(str, node.shape))}]" if node.rank else f"{n} (scalar)" for n, node in nodes)
 
-    entries = [
-        codegen.Entry(
-            "forward",
-            params,
-            list(zip(out_names, rewrite.prune(rewrite.fuse(outs)))),
-            f"{cname}_forward: {', '.join(out_names)} = {k.name}({sig}).\n"
-            f"Shapes: {shape_doc([(p.param, p) for p in params] + list(zip(out_names, outs)))}.",
-        )
-    ]
+    def entry(suffix: str, inputs: list[ir.Input], names: list[str], nodes: list[ir.Node], what: str) -> codegen.Entry:
+        final = rewrite.prune(rewrite.fuse(nodes))
+        extra = [i for i in inputs if i not in params]
+        doc = f"{cname}_{suffix}: {what}.\nShapes: {shape_doc([(i.param, i) for i in params + extra] + list(zip(names, final)))}."
+        return codegen.Entry(suffix, inputs, list(zip(names, final)), doc)
+
+    call = f"{k.name}({sig})"
+    entries = [entry("forward", params, out_names, outs, f"{', '.join(out_names)} = {call}")]
     scalar = n_out == 1 and graph.outputs[0].rank == 0
     if wrt_names:
         wrt_nodes = [by_name[w] for w in wrt_names]
         grad_names = [f"d_{w}" for w in wrt_names]
-        grads_doc = ", ".join(f"d_{w} = d{out_names[0]}/d{w}" for w in wrt_names)
         if scalar:
             grads = autodiff.vjp(outs, [ir.constant(1)], wrt_nodes)
-            final = rewrite.prune(rewrite.fuse(outs + grads))
-            entries.append(
-                codegen.Entry(
-                    "value_and_grad",
-                    params,
-                    list(zip(out_names + grad_names, final)),
-                    f"{cname}_value_and_grad: {out_names[0]} = {k.name}({sig}) and its gradients {grads_doc}.\n"
-                    f"Shapes: {shape_doc([(p.param, p) for p in params] + list(zip(out_names + grad_names, final)))}.",
-                )
-            )
+            what = f"{out_names[0]} = {call} and its gradients " + ", ".join(f"d_{w} = d{out_names[0]}/d{w}" for w in wrt_names)
+            entries.append(entry("value_and_grad", params, out_names + grad_names, outs + grads, what))
         cotangents = [ir.Input(f"ct_{n}", o.shape) for n, o in zip(out_names, graph.outputs)]
         grads = autodiff.vjp(outs, cotangents, wrt_nodes)
-        final = rewrite.prune(rewrite.fuse(outs + grads))
-        entries.append(
-            codegen.Entry(
-                "vjp",
-                params + cotangents,
-                list(zip(out_names + grad_names, final)),
-                f"{cname}_vjp: {', '.join(out_names)} = {k.name}({sig}) and the vector-Jacobian products\n"
-                f"d_w = sum over outputs of ct_out * dout/dw for w in {', '.join(wrt_names)}.\n"
-                f"Shapes: {shape_doc([(c.param, c) for c in cotangents] + list(zip(grad_names, grads)))}.",
-            )
+        what = (
+            f"{', '.join(out_names)} = {call} and the vector-Jacobian products\n"
+            f"d_w = sum over outputs of ct_out * dout/dw for w in {', '.join(wrt_names)}"
         )
+        entries.append(entry("vjp", params + cotangents, out_names + grad_names, outs + grads, what))
+        tangents = [ir.Input(f"t_{w.param}", w.shape) for w in wrt_nodes]
+        out_tangents = autodiff.jvp(outs, wrt_nodes, tangents)
+        what = (
+            f"{', '.join(out_names)} = {call} and the Jacobian-vector products (forward mode)\n"
+            f"t_out = sum over w in {', '.join(wrt_names)} of dout/dw * t_w"
+        )
+        entries.append(entry("jvp", params + tangents, out_names + [f"t_{n}" for n in out_names], outs + out_tangents, what))
+        if scalar:
+            vs = [ir.Input(f"v_{w.param}", w.shape) for w in wrt_nodes]
+            what = (
+                f"the Hessian-vector products hv_w = sum over u in {', '.join(wrt_names)} of "
+                f"d2{out_names[0]}/dw du * v_u of {call}"
+            )
+            entries.append(entry("hvp", params + vs, [f"hv_{w}" for w in wrt_names], _hvp(outs, wrt_nodes, vs), what))
     origin = f"{os.path.basename(traced.source_file)}:{traced.source_line}" if traced.source_file else ""
     spec = codegen.KernelSpec(
         name=codegen.Names().take(cname),
@@ -159,6 +157,30 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
         "entries": {e.suffix: f"{spec.name}_{e.suffix}" for e in entries},
     }
     return Lowered(spec, meta)
+
+
+def _hvp(outs: list[ir.Node], wrt: list[ir.Input], vs: list[ir.Input]) -> list[ir.Node]:
+    """H·v by forward-over-reverse or reverse-over-reverse, whichever emits less work.
+
+    Forward-over-reverse (a tangent pushed through the gradient graph) usually wins: it
+    adds one fused tangent per gradient node and keeps no second backward sweep.
+    Reverse-over-reverse can win when the gradient graph is much larger than the forward.
+    """
+    grads = autodiff.vjp(outs, [ir.constant(1)], wrt)
+    forward_over_reverse = autodiff.jvp(grads, wrt, vs)
+    dots = [
+        ir.Map((), g.shape, (), [(g, ir.identity_map(g.rank)), (v, ir.identity_map(v.rank))], lambda a, b: a * b, reduce="sum")
+        for g, v in zip(grads, vs)
+    ]
+    g_dot_v = ir.elementwise((), [(d, ()) for d in dots], lambda *s: sp.Add(*s))
+    reverse_over_reverse = autodiff.vjp([g_dot_v], [ir.constant(1)], wrt)
+    return min(forward_over_reverse, reverse_over_reverse, key=lambda nodes: _work(rewrite.prune(rewrite.fuse(nodes))))
+
+
+def _work(nodes: Sequence[ir.Node]) -> tuple[int, int]:
+    """(loop nests, operations in their bodies): a size-independent measure of emitted work."""
+    maps = [n for n in ir.topo_order(nodes) if isinstance(n, ir.Map)]
+    return len(maps), sum(sp.count_ops(m.expr) for m in maps)
 
 
 def compile_many(lowered: Sequence[Lowered], module: str, *, cflags: Sequence[str] | None = None):
@@ -194,3 +216,8 @@ def compile(
     compiled.kernel = k
     _memo[key] = compiled
     return compiled
+
+
+def hessian(fn, *args, wrt=None, dtype: str | None = None, **kwargs):
+    """The dense Hessian of a scalar kernel at ``args`` (see :meth:`CompiledKernel.hessian`)."""
+    return compile(fn, wrt=wrt, dtype=dtype).hessian(*args, **kwargs)

@@ -9,6 +9,8 @@ the user's file and line.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import functools
 import inspect
 import os
 import string
@@ -177,6 +179,17 @@ class TraceState:
 
 
 _local = threading.local()
+
+
+@contextlib.contextmanager
+def _active(state: TraceState):
+    """Record into ``state`` for a while (a trace, or a custom gradient rule run later)."""
+    previous = getattr(_local, "state", None)
+    _local.state = state
+    try:
+        yield state
+    finally:
+        _local.state = previous
 
 
 def _state() -> TraceState:
@@ -862,6 +875,59 @@ def grad(fn: Callable, argnums=0) -> Callable:
     return lambda *args: vg(*args)[1]
 
 
+def custom_gradient(fn: Callable) -> Callable:
+    """Give a DSL function a gradient of your own, as TensorFlow's ``tf.custom_gradient``.
+
+    ``fn(*args)`` returns ``(value, grad_fn)``; ``grad_fn(upstream)`` returns the gradient
+    of the value, contracted with ``upstream`` (a tensor of the value's shape), with respect
+    to each argument: one tensor, or a tuple with one per argument (None for no gradient).
+    ``grad_fn`` is DSL code too, so the result can be differentiated again.  Forward mode
+    (``jvp``) differentiates ``value`` itself.
+    """
+    where = (fn.__code__.co_filename, fn.__code__.co_firstlineno)
+
+    def fail(message: str) -> GradcError:
+        return ShapeError(f"custom gradient {fn.__name__}: {message}", filename=where[0], lineno=where[1])
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        tensors = [_as_float(as_tensor(a)) for a in args]
+        # Fresh nodes, so that reverse mode has a boundary: nothing flows into fn's own graph.
+        proxies = [_ewise(lambda v: v, t) for t in tensors]
+        result = fn(*proxies)
+        if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
+            raise fail("the function must return (value, grad_fn)")
+        value = _as_float(as_tensor(result[0]))
+        grad_fn = result[1]
+        state = _state()
+
+        def rule(cotangent: ir.Node) -> list[ir.Node | None]:
+            with _active(state):
+                grads = grad_fn(Tensor(cotangent))
+                grads = grads if isinstance(grads, (tuple, list)) else (grads,)
+                if len(grads) != len(tensors):
+                    raise fail(f"grad_fn returned {len(grads)} gradient(s) for {len(tensors)} argument(s)")
+                nodes = []
+                for i, (g, t) in enumerate(zip(grads, tensors)):
+                    if g is None:
+                        nodes.append(None)
+                        continue
+                    g = _as_float(as_tensor(g))
+                    if g.ndim != t.ndim or not all(ir.same_extent(a, b) for a, b in zip(g.node.shape, t.node.shape)):
+                        raise fail(
+                            f"grad_fn's gradient {i} has shape {tuple(g.node.shape)}, "
+                            f"but argument {i} has shape {tuple(t.node.shape)}"
+                        )
+                    nodes.append(g.node)
+            return nodes
+
+        node = ir.CustomGradient(value.node, [t.node for t in tensors], rule, loc=user_location())
+        node.hint = fn.__name__
+        return Tensor(node)
+
+    return wrapped
+
+
 # ----------------------------------------------------------------------------- kernels
 @dataclass
 class Param:
@@ -998,16 +1064,14 @@ def trace(fn: Callable, params: list[Param]) -> Traced:
             lineno=fn.__code__.co_firstlineno,
         )
     user_file = fn.__code__.co_filename
-    previous_state = getattr(_local, "state", None)
     state = TraceState()
-    _local.state = state
     previous_profile = sys.getprofile()
     sys.setprofile(_name_locals(fn.__code__, lambda f: f.f_code.co_filename == user_file))
     try:
-        result = fn(*(Tensor(i) for i in inputs))
+        with _active(state):
+            result = fn(*(Tensor(i) for i in inputs))
     finally:
         sys.setprofile(previous_profile)
-        _local.state = previous_state
     loc = (fn.__code__.co_filename, fn.__code__.co_firstlineno)
     if isinstance(result, (tuple, list)):
         outs = list(result)

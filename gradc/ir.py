@@ -125,6 +125,10 @@ class Node:
     def args(self) -> tuple["Node", ...]:
         return ()
 
+    def with_args(self, args: Sequence["Node"]) -> "Node":
+        """This node over new arguments (a rewrite rebuilt them).  Maps rebuild themselves."""
+        return self
+
     #: what made the node ("matmul", "sum", ...), for readable names when the user gave none
     hint: str | None = None
 
@@ -154,8 +158,40 @@ class Reshape(Node):
     def args(self) -> tuple[Node, ...]:
         return (self.arg,)
 
+    def with_args(self, args: Sequence[Node]) -> "Reshape":
+        (arg,) = args
+        return self if arg is self.arg else Reshape(arg, self.shape, name=self.name, loc=self.loc).inherit(self)
+
     def __repr__(self) -> str:
         return f"Reshape({self.arg.label()} -> {list(self.shape)})"
+
+
+class CustomGradient(Node):
+    """The value of ``value``, whose gradient is given by the user (``gradc.custom_gradient``).
+
+    ``rule(cotangent)`` returns the adjoint of each of ``inputs``.  Reverse mode never
+    enters ``value``'s own graph; forward mode differentiates it (there is no custom
+    tangent rule).  After differentiation the node is only an alias of ``value``.
+    """
+
+    def __init__(self, value: Node, inputs: Sequence[Node], rule, loc: Location | None = None):
+        super().__init__(value.shape, value.dtype, None, loc)
+        self.value = value
+        self.inputs = tuple(inputs)
+        self.rule = rule
+
+    @property
+    def args(self) -> tuple[Node, ...]:
+        return (self.value, *self.inputs)
+
+    def with_args(self, args: Sequence[Node]) -> "CustomGradient":
+        value, *inputs = args
+        if value is self.value and all(a is b for a, b in zip(inputs, self.inputs)):
+            return self
+        return CustomGradient(value, inputs, self.rule, loc=self.loc).inherit(self)
+
+    def __repr__(self) -> str:
+        return f"CustomGradient({self.value.label()}; {', '.join(i.label() for i in self.inputs)})"
 
 
 @dataclass(frozen=True)

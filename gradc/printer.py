@@ -27,6 +27,11 @@ class GradcCPrinter(C99CodePrinter):
     def lit(self, value) -> str:
         return self._print(sp.Float(value) if not isinstance(value, sp.Basic) else value)
 
+    def _print_Symbol(self, expr):
+        name = super()._print_Symbol(expr)
+        # Integer symbols are named dimensions (ptrdiff_t): cast, or 1/N is C's integer division.
+        return f"(({self.ctype}){name})" if expr.is_integer else name
+
     # -- constants ----------------------------------------------------------------
     def _print_Pi(self, expr):
         # M_PI is POSIX, not C99.

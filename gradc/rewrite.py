@@ -60,12 +60,10 @@ def fuse(outputs: Sequence[ir.Node]) -> list[ir.Node]:
         return once and len(users[original.id]) == 1
 
     for node in order:
-        if isinstance(node, ir.Input):
-            new[node.id] = node
-        elif isinstance(node, ir.Reshape):
-            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc).inherit(node)
-        else:
+        if isinstance(node, ir.Map):
             new[node.id] = _fuse_node(node, new, inlinable)
+        else:
+            new[node.id] = node.with_args([new[a.id] for a in node.args])
         origin[new[node.id].id] = node
     return [new[o.id] for o in outputs]
 
@@ -108,14 +106,18 @@ def _fuse_node(node: ir.Map, new: dict[int, ir.Node], inlinable) -> ir.Map:
 
 
 def prune(outputs: Sequence[ir.Node]) -> list[ir.Node]:
-    """Rebuild the graph the outputs need, with stop-gradient markers removed."""
+    """Rebuild the graph the outputs need, without the markers only differentiation needed.
+
+    Run after differentiation: stop-gradient markers are dropped from bodies and each
+    :class:`~gradc.ir.CustomGradient` becomes the value it stands for.
+    """
     order = ir.topo_order(outputs)
     new: dict[int, ir.Node] = {}
     for node in order:
-        if isinstance(node, ir.Input):
-            new[node.id] = node
-        elif isinstance(node, ir.Reshape):
-            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc).inherit(node)
+        if isinstance(node, ir.CustomGradient):
+            new[node.id] = new[node.value.id]
+        elif not isinstance(node, ir.Map):
+            new[node.id] = node.with_args([new[a.id] for a in node.args])
         else:
             expr = strip_stop_gradient(node.expr)
             olds = [o.symbol for o in node.operands]

@@ -139,19 +139,51 @@ class CompiledKernel:
         addr = buf.ctypes.data
         return self.ffi.cast("void *", addr + (-addr % 64))
 
-    def _run(self, entry: str, arrays: list[np.ndarray], bound: dict, n_grads: int):
+    def _run(self, entry: str, arrays: list[np.ndarray], bound: dict, shapes: list[tuple]) -> list[np.ndarray]:
+        """Call the C function ``entry``, which writes one fresh array of each of ``shapes``."""
         dims = [bound[d] for d in self.dims]
-        out_shapes = [f(*dims) for f in self._out_shapes]
-        outs = [np.empty(s, dtype=self.dtype) for s in out_shapes]
-        grads = [np.empty(arrays[i].shape, dtype=self.dtype) for i in self._wrt_index[:n_grads]]
+        results = [np.empty(s, dtype=self.dtype) for s in shapes]
         ptr = self.ffi.from_buffer
         ws = self._workspace(self._workspace_size(*dims))
         status = self._entries[entry](
-            *dims, *(ptr(self._ptr, a) for a in arrays), *(ptr(self._ptr, o, require_writable=True) for o in outs + grads), ws
+            *dims, *(ptr(self._ptr, a) for a in arrays), *(ptr(self._ptr, r, require_writable=True) for r in results), ws
         )
         if status != 0:
             raise ShapeError(f"{self.name}: the kernel rejected dimensions {bound} (status {status})")
-        return outs, grads
+        return results
+
+    def _output_shapes(self, bound: dict) -> list[tuple]:
+        dims = [bound[d] for d in self.dims]
+        return [tuple(f(*dims)) for f in self._out_shapes]
+
+    def _wrt_shapes(self, arrays: list[np.ndarray]) -> list[tuple]:
+        return [arrays[i].shape for i in self._wrt_index]
+
+    def _split_extra(self, args: tuple, kwargs: dict, keyword: str, what: str):
+        """The kernel's own arguments, and the extra one (cotangent, tangents, v) after them."""
+        if keyword in kwargs:
+            kwargs = dict(kwargs)
+            return args, kwargs, kwargs.pop(keyword)
+        by_name = len([k for k in kwargs if k in self.param_names])
+        if len(args) != len(self.param_names) + 1 - by_name:
+            raise TypeError(f"{self.name}.{what}() takes the kernel's arguments followed by {keyword}")
+        return args[:-1], kwargs, args[-1]
+
+    def _extra_arrays(self, value, shapes: list[tuple], labels: list[str], grouped: bool, what: str, per: str) -> list[np.ndarray]:
+        """Check the arrays of an extra argument: one ``per`` item, in a tuple when ``grouped``."""
+        values = list(value) if grouped else [value]
+        if len(values) != len(shapes):
+            noun = labels[0].split("[")[0]
+            raise ShapeError(
+                f"{self.name}.{what}(): expected {len(shapes)} {noun}(s), one per {per} ({', '.join(labels)}), got {len(values)}"
+            )
+        arrays = []
+        for v, expected, label in zip(values, shapes, labels):
+            arr = self._array(v, label, self.meta["dtype"])
+            if arr.shape != tuple(expected):
+                raise ShapeError(f"{self.name}.{what}(): {label} must have shape {_fmt_shape(expected)}, got {_fmt_shape(arr.shape)}")
+            arrays.append(arr)
+        return arrays
 
     def _value(self, outs: list[np.ndarray]):
         vals = [o[()] if o.ndim == 0 else o for o in outs]
@@ -160,6 +192,15 @@ class CompiledKernel:
     def _grads(self, grads: list[np.ndarray]):
         return grads[0] if self.meta["wrt_single"] else tuple(grads)
 
+    def _need_scalar(self, what: str):
+        self._need_grads(what)
+        if "value_and_grad" not in self._entries:
+            shapes = ", ".join(_fmt_shape(o["shape"]) for o in self.meta["outputs"])
+            raise ShapeError(
+                f"{self.name}.{what}() needs a single scalar output, but the kernel returns shape(s) {shapes}; "
+                f"use .vjp(*args, cotangent) instead"
+            )
+
     def _need_grads(self, what: str):
         if not self.wrt:
             raise GradcError(f"{self.name} was compiled without gradients (wrt=[]); compile with wrt=[...] to use {what}()")
@@ -167,21 +208,15 @@ class CompiledKernel:
     # -- public API -------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         arrays, bound = self._check(self._bind(args, kwargs, "__call__"))
-        outs, _ = self._run("forward", arrays, bound, 0)
-        return self._value(outs)
+        return self._value(self._run("forward", arrays, bound, self._output_shapes(bound)))
 
     def value_and_grad(self, *args, **kwargs):
         """The (scalar) value and its gradients with respect to ``wrt``, in ``wrt`` order."""
-        self._need_grads("value_and_grad")
-        if "value_and_grad" not in self._entries:
-            shapes = ", ".join(_fmt_shape(o["shape"]) for o in self.meta["outputs"])
-            raise ShapeError(
-                f"{self.name}.value_and_grad() needs a single scalar output, but the kernel returns shape(s) {shapes}; "
-                f"use .vjp(*args, cotangent) instead"
-            )
+        self._need_scalar("value_and_grad")
         arrays, bound = self._check(self._bind(args, kwargs, "value_and_grad"))
-        outs, grads = self._run("value_and_grad", arrays, bound, len(self.wrt))
-        return self._value(outs), self._grads(grads)
+        n = len(self.meta["outputs"])
+        results = self._run("value_and_grad", arrays, bound, self._output_shapes(bound) + self._wrt_shapes(arrays))
+        return self._value(results[:n]), self._grads(results[n:])
 
     def grad(self, *args, **kwargs):
         """The gradients of the scalar output with respect to ``wrt``."""
@@ -194,30 +229,73 @@ class CompiledKernel:
         returning a tuple it is a tuple with one array per output.
         """
         self._need_grads("vjp")
-        if "cotangent" in kwargs:
-            cot = kwargs.pop("cotangent")
-        else:
-            if len(args) != len(self.param_names) + 1 - len([k for k in kwargs if k in self.param_names]):
-                raise TypeError(f"{self.name}.vjp() takes the kernel's arguments followed by a cotangent")
-            args, cot = args[:-1], args[-1]
-        values = self._bind(args, kwargs, "vjp")
-        outputs = self.meta["outputs"]
-        cots = list(cot) if self.meta["tuple_output"] else [cot]
-        if len(cots) != len(outputs):
-            raise ShapeError(f"{self.name}.vjp(): expected {len(outputs)} cotangent(s), one per output, got {len(cots)}")
-        arrays, bound = self._check(values)
-        dims = [bound[d] for d in self.dims]
-        for i, (c, shape_of) in enumerate(zip(cots, self._out_shapes)):
-            label = f"cotangent[{i}]" if self.meta["tuple_output"] else "cotangent"
-            arr = self._array(c, label, self.meta["dtype"])
-            expected = tuple(shape_of(*dims))
-            if arr.shape != expected:
-                raise ShapeError(
-                    f"{self.name}.vjp(): {label} must have the output's shape {_fmt_shape(expected)}, got {_fmt_shape(arr.shape)}"
-                )
-            arrays.append(arr)
-        outs, grads = self._run("vjp", arrays, bound, len(self.wrt))
-        return self._value(outs), self._grads(grads)
+        args, kwargs, cot = self._split_extra(args, kwargs, "cotangent", "vjp")
+        arrays, bound = self._check(self._bind(args, kwargs, "vjp"))
+        out_shapes = self._output_shapes(bound)
+        tuple_out = self.meta["tuple_output"]
+        labels = [f"cotangent[{i}]" for i in range(len(out_shapes))] if tuple_out else ["cotangent"]
+        arrays += self._extra_arrays(cot, out_shapes, labels, tuple_out, "vjp", "output")
+        results = self._run("vjp", arrays, bound, out_shapes + self._wrt_shapes(arrays))
+        return self._value(results[: len(out_shapes)]), self._grads(results[len(out_shapes) :])
+
+    def jvp(self, *args, **kwargs):
+        """``(outputs, output_tangents)``: the Jacobian of the outputs with respect to ``wrt``
+        applied to ``tangents`` (forward mode), computed in the same pass as the outputs.
+
+        ``tangents`` is the last positional argument (or ``tangents=``): one array per
+        ``wrt`` parameter, a tuple unless the kernel was compiled with a single ``wrt`` name.
+        """
+        self._need_grads("jvp")
+        args, kwargs, tangents = self._split_extra(args, kwargs, "tangents", "jvp")
+        arrays, bound = self._check(self._bind(args, kwargs, "jvp"))
+        single = self.meta["wrt_single"]
+        arrays += self._extra_arrays(tangents, self._wrt_shapes(arrays), [f"tangent[{w}]" for w in self.wrt], not single, "jvp", "wrt parameter")
+        out_shapes = self._output_shapes(bound)
+        results = self._run("jvp", arrays, bound, out_shapes + out_shapes)
+        return self._value(results[: len(out_shapes)]), self._value(results[len(out_shapes) :])
+
+    def hvp(self, *args, **kwargs):
+        """The Hessian of the scalar output with respect to ``wrt``, times ``v``.
+
+        ``v`` is the last positional argument (or ``v=``), shaped like the gradients; the
+        result is shaped like the gradients too.
+        """
+        self._need_scalar("hvp")
+        args, kwargs, v = self._split_extra(args, kwargs, "v", "hvp")
+        arrays, bound = self._check(self._bind(args, kwargs, "hvp"))
+        single = self.meta["wrt_single"]
+        wrt_shapes = self._wrt_shapes(arrays)
+        arrays += self._extra_arrays(v, wrt_shapes, [f"v[{w}]" for w in self.wrt], not single, "hvp", "wrt parameter")
+        return self._grads(self._run("hvp", arrays, bound, wrt_shapes))
+
+    def hessian(self, *args, **kwargs):
+        """The dense Hessian of the scalar output, one Hessian-vector product per column.
+
+        For a single ``wrt`` parameter of shape S the result has shape S + S; for several,
+        ``H[i][j]`` has shape ``shape_i + shape_j``.  Meant for small problems: it costs one
+        C call per input element.
+        """
+        self._need_scalar("hessian")
+        arrays, bound = self._check(self._bind(args, kwargs, "hessian"))
+        shapes = self._wrt_shapes(arrays)
+        sizes = [int(np.prod(s)) for s in shapes]
+        columns = []
+        for j, size in enumerate(sizes):
+            for e in range(size):
+                vs = [np.zeros(s, dtype=self.dtype) for s in shapes]
+                vs[j].reshape(-1)[e] = 1
+                columns.append(self._run("hvp", arrays + vs, bound, shapes))
+        blocks = [[None] * len(shapes) for _ in shapes]
+        start = 0
+        for j, (shape_j, size_j) in enumerate(zip(shapes, sizes)):
+            cols = columns[start : start + size_j]
+            start += size_j
+            for i, shape_i in enumerate(shapes):
+                # Column e holds H[:, e]; the Hessian is symmetric, so rows index i and columns j.
+                blocks[i][j] = np.stack([c[i].reshape(-1) for c in cols], axis=-1).reshape(shape_i + shape_j)
+        if self.meta["wrt_single"]:
+            return blocks[0][0]
+        return tuple(tuple(row) for row in blocks)
 
     def workspace_size(self, **dims) -> int:
         """Bytes of workspace the C functions need for these named dimensions."""

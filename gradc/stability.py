@@ -245,11 +245,8 @@ def stabilize(outputs: Sequence[ir.Node], fired: Counter | None = None) -> list[
     new: dict[int, ir.Node] = {}
     shifted: dict[int, tuple[ir.Map, ir.Map]] = {}
     for node in order:
-        if isinstance(node, ir.Input):
-            new[node.id] = node
-            continue
-        if isinstance(node, ir.Reshape):
-            new[node.id] = ir.Reshape(new[node.arg.id], node.shape, name=node.name, loc=node.loc).inherit(node)
+        if not isinstance(node, ir.Map):
+            new[node.id] = node.with_args([new[a.id] for a in node.args])
             continue
         operands, subs = [], {}
         for op in node.operands:
