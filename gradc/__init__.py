@@ -58,6 +58,7 @@ from .dsl import (  # noqa: E402
 )
 from .errors import DimensionError, DTypeError, GradcError, ShapeError, TraceError, UnknownOpError  # noqa: E402
 from .compiler import compile, hessian  # noqa: E402
+from .check import CheckResult, check_grad  # noqa: E402
 from .runtime import CompiledKernel  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The ``gradc`` command line: compile a DSL file into an importable package, or show its C.
+"""The ``gradc`` command line: compile a DSL file into a package, look inside it, check its gradients.
 
 A mistake in the user's file ends in one line, ``file:line: what is wrong``, and exit
 status 1, never a traceback.
@@ -11,17 +11,21 @@ import json
 import os
 import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Sequence
 
 import click
 
-from . import __version__, codegen, compiler
+import numpy as np
+
+from . import __version__, codegen, compiler, views
 from .dsl import Kernel
 from .errors import GradcError
 
-RUNTIME_FILES = ("runtime.py", "errors.py")
+#: A compile that has run this long says which stage it is in.
+PATIENCE_SECONDS = 1.0
 
 
 class UserError(click.ClickException):
@@ -76,11 +80,36 @@ def _select(path: Path, kernels: dict[str, Kernel], names: Sequence[str]) -> dic
     return {n: kernels[n] for n in names}
 
 
-def _lower_all(path: Path, kernels: dict[str, Kernel], wrt, dtype) -> list[compiler.Lowered]:
+class Progress:
+    """Says which stage a long compile is in (on a terminal); with ``verbose``, every stage and its time."""
+
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
+        self.interactive = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.stages: list[tuple[str, float]] = []
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages.append((stage, now))
+        if self.verbose or (self.interactive and now - self.start > PATIENCE_SECONDS):
+            click.echo(f"gradc: {stage}...", err=True)
+
+    def report(self) -> None:
+        if not self.verbose:
+            return
+        end = time.perf_counter()
+        click.echo("gradc: stage timings", err=True)
+        for (stage, t0), (_, t1) in zip(self.stages, self.stages[1:] + [("", end)]):
+            click.echo(f"  {t1 - t0:8.3f} s  {stage}", err=True)
+        click.echo(f"  {end - self.start:8.3f} s  total", err=True)
+
+
+def _lower_all(path: Path, kernels: dict[str, Kernel], wrt, dtype, stable=True, progress=compiler._quiet) -> list[compiler.Lowered]:
     lowered = []
     for name, k in kernels.items():
         try:
-            lowered.append(compiler.lower(k, wrt, dtype, name=name))
+            lowered.append(compiler.lower(k, wrt, dtype, name=name, stable=stable, progress=progress))
         except Exception as exc:  # noqa: BLE001 - tracing runs user code
             raise UserError(_locate(exc, path)) from None
     return lowered
@@ -99,6 +128,8 @@ def main() -> None:
 _kernel_opt = click.option("-k", "--kernel", "names", multiple=True, help="Kernel to compile (repeatable; default: every kernel in FILE).")
 _wrt_opt = click.option("--wrt", help="Comma-separated parameters to differentiate with respect to (default: all).")
 _dtype_opt = click.option("--dtype", type=click.Choice(["f32", "f64"]), help="Compute in this precision instead of the annotations'.")
+_stable_opt = click.option("--no-stable", "unstable", is_flag=True, help="Turn the stability rewrites off (to compare).")
+_verbose_opt = click.option("-v", "--verbose", is_flag=True, help="Print each compiler stage and its time.")
 
 
 @main.command("compile")
@@ -108,18 +139,23 @@ _dtype_opt = click.option("--dtype", type=click.Choice(["f32", "f64"]), help="Co
 @_dtype_opt
 @click.option("-o", "--output", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False), help="Folder to write the package into.")
 @click.option("--cflags", help="C compiler flags replacing the defaults (e.g. \"-O2\").")
-def compile_cmd(file, names, wrt, dtype, out_dir, cflags) -> None:
+@_stable_opt
+@_verbose_opt
+def compile_cmd(file, names, wrt, dtype, out_dir, cflags, unstable, verbose) -> None:
     """Compile FILE's kernels into the package OUT/<file stem>/ (C source, header, extension, glue)."""
+    progress = Progress(verbose)
     path, kernels = load_kernels(file)
     kernels = _select(path, kernels, names)
     module = codegen.Names().take(path.stem)
-    lowered = _lower_all(path, kernels, _wrt_option(wrt), dtype)
+    lowered = _lower_all(path, kernels, _wrt_option(wrt), dtype, not unstable, progress)
     try:
-        rendered, built = compiler.compile_many(lowered, module, cflags=cflags.split() if cflags else None)
+        rendered, built = compiler.compile_many(lowered, module, cflags=cflags.split() if cflags else None, progress=progress)
     except GradcError as exc:
         raise UserError(str(exc)) from None
     target = Path(out_dir) / module
+    progress(f"writing {target}")
     write_package(target, module, path.name, lowered, rendered, built)
+    progress.report()
     for low in lowered:
         entries = ", ".join(low.meta["entries"])
         click.echo(f"compiled {low.meta['kernel']} ({low.meta['dtype']}; {entries})")
@@ -173,15 +209,130 @@ def write_package(target: Path, module: str, origin: str, lowered, rendered, bui
 @_kernel_opt
 @_wrt_opt
 @_dtype_opt
-@click.option("--header", is_flag=True, help="Show the .h instead of the .c.")
-def show_cmd(file, names, wrt, dtype, header) -> None:
-    """Print the C that FILE's kernels compile to."""
+@click.option("--view", type=click.Choice(views.VIEWS), default="c", show_default=True, help="What to show.")
+@click.option("--header", is_flag=True, help="Show the .h (same as --view header).")
+@click.option("--latex", is_flag=True, help="With --view math: LaTeX instead of pretty-printed text.")
+@click.option("--format", "fmt", type=click.Choice(["dot", "svg", "png"]), default="dot", show_default=True, help="With --view graph: DOT source, or rendered by Graphviz.")
+@click.option("-o", "--output", "out_file", type=click.Path(dir_okay=False), help="Write to this file instead of the terminal.")
+@click.option("--plain", is_flag=True, help="No syntax highlighting (the default when output is not a terminal).")
+@_stable_opt
+@_verbose_opt
+def show_cmd(file, names, wrt, dtype, view, header, latex, fmt, out_file, plain, unstable, verbose) -> None:
+    """Show what FILE's kernels compile to: the C, the header, the math, statistics or the graph."""
+    view = "header" if header else view
+    progress = Progress(verbose)
     path, kernels = load_kernels(file)
     kernels = _select(path, kernels, names)
     module = codegen.Names().take(path.stem)
-    lowered = _lower_all(path, kernels, _wrt_option(wrt), dtype)
+    lowered = _lower_all(path, kernels, _wrt_option(wrt), dtype, not unstable, progress)
+    progress("generating C (common subexpressions)")
     rendered = codegen.render([l.spec for l in lowered], module)
-    click.echo(rendered.header if header else rendered.c_source, nl=False)
+    try:
+        if view in ("c", "header"):
+            text = rendered.c_source if view == "c" else rendered.header
+        else:
+            parts = [
+                views.render(view, views.Compiled(l, rendered.functions[l.spec.name], rendered.c_source, rendered.header), latex=latex)
+                for l in lowered
+            ]
+            text = "\n".join(parts)
+        if view == "graph" and fmt != "dot":
+            if out_file is None:
+                raise UserError(f"--format {fmt} writes an image: give the file with -o, e.g. -o {module}.{fmt}")
+            if len(lowered) > 1:
+                raise UserError(f"{path.name} has {len(lowered)} kernels: render one graph at a time with -k NAME")
+            progress(f"rendering with Graphviz ({fmt})")
+            Path(out_file).write_bytes(views.render_dot(text, fmt))
+            click.echo(f"wrote {out_file}")
+            progress.report()
+            return
+    except GradcError as exc:
+        raise UserError(str(exc)) from None
+    progress.report()
+    if out_file:
+        Path(out_file).write_text(text)
+        click.echo(f"wrote {out_file}")
+    elif view in ("c", "header") and not plain and sys.stdout.isatty():
+        from rich.console import Console
+        from rich.syntax import Syntax
+
+        Console().print(Syntax(text, "c", theme="ansi_dark", line_numbers=False, word_wrap=False))
+    else:
+        click.echo(text, nl=False)
+
+
+def _parse_dims(text: str | None) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, _, value = item.partition("=")
+        if not name.strip().isidentifier() or not value.strip().isdigit():
+            raise UserError(f"--dims: expected NAME=SIZE items such as N=7,M=5, got {item!r}")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def random_inputs(k: Kernel, dims: dict[str, int], rng: np.random.Generator, positive: bool) -> list[np.ndarray]:
+    """Random arguments for ``k``; unnamed sizes of named dimensions default to 3, 4, 5, ..."""
+    sizes = dict(dims)
+    arrays = []
+    for p in k.params:
+        shape = []
+        for d in p.type.dims:
+            if isinstance(d, str):
+                sizes.setdefault(d, 3 + len([n for n in sizes if n not in dims]))
+                shape.append(sizes[d])
+            else:
+                shape.append(d)
+        x = rng.standard_normal(shape)
+        arrays.append(np.abs(x) + 0.1 if positive else x)
+    return arrays
+
+
+@main.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_kernel_opt
+@_wrt_opt
+@click.option("--dtype", type=click.Choice(["f32", "f64"]), default="f64", show_default=True, help="Precision of the gradients under test.")
+@click.option("--dims", help="Sizes of named dimensions, e.g. N=7,M=5 (default: 3, 4, 5, ...).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--second", is_flag=True, help="Also check a Hessian-vector product.")
+@click.option("--positive", is_flag=True, help="Draw positive inputs (for log, sqrt, ...).")
+def check_cmd(file, names, wrt, dtype, dims, seed, second, positive) -> None:
+    """Check FILE's gradients against central finite differences in float64."""
+    from .check import check_grad
+
+    path, kernels = load_kernels(file)
+    kernels = _select(path, kernels, names)
+    sizes = _parse_dims(dims)
+    failed = []
+    for name, k in kernels.items():
+        rng = np.random.default_rng(seed)
+        args = random_inputs(k, sizes, rng, positive)
+        try:
+            result = check_grad(k, *args, wrt=_wrt_option(wrt), dtype=dtype, second=second, seed=seed)
+        except GradcError as exc:
+            raise UserError(_locate(exc, path)) from None
+        _print_table(result)
+        if not result.passed:
+            failed.append(name)
+    if failed:
+        raise UserError(f"gradient check failed for {', '.join(failed)}")
+
+
+def _print_table(result) -> None:
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        rows = result.table()
+        table = Table(title=f"{result.kernel} ({result.dtype})")
+        for head in rows[0]:
+            table.add_column(head, justify="left" if head == "parameter" else "right")
+        for row in rows[1:]:
+            table.add_row(*row[:-1], f"[green]{row[-1]}[/]" if row[-1] == "yes" else f"[bold red]{row[-1]}[/]")
+        Console().print(table)
+    else:
+        click.echo(str(result))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,27 @@ class KernelSpec:
 
 
 @dataclass
+class NestMath:
+    """A loop nest as mathematics, for people (``gradc show --view math``)."""
+
+    target: sp.Expr  # out[n, m] as a SymPy Indexed (or a Symbol for a scalar)
+    reduce: str | None
+    reduced: list[tuple[sp.Symbol, sp.Expr]]  # the loop variables reduced over, with their extents
+    expr: sp.Expr  # the body before CSE, operands as Indexed
+    temps: list[tuple[sp.Symbol, sp.Expr]]  # the CSE temporaries
+    value: sp.Expr  # the body after CSE
+    sources: list[tuple[str, int]]
+
+    @property
+    def ops_before_cse(self) -> int:
+        return int(sp.count_ops(self.expr))
+
+    @property
+    def ops_after_cse(self) -> int:
+        return int(sum(sp.count_ops(e) for _, e in self.temps) + sp.count_ops(self.value))
+
+
+@dataclass
 class Nest:
     comment: list[str]
     init: str | None
@@ -73,11 +94,13 @@ class Nest:
     inner: list[tuple[str, str]]
     body: list[str]
     finish: str | None
+    math: NestMath
 
 
 @dataclass
 class Function:
     name: str
+    suffix: str  # which entry point: forward, value_and_grad, vjp, jvp, hvp
     doc: list[str]
     params: list[str]
     decl_params: list[str]
@@ -85,6 +108,7 @@ class Function:
     buffers: list[str]
     nests: list[Nest]
     workspace_terms: list[str]
+    workspace_elements: sp.Expr  # before the padding of each buffer to 16 elements
     unused: list[str]
 
 
@@ -94,6 +118,7 @@ class Rendered:
     c_source: str
     header: str
     cdef: str
+    functions: dict[str, list[Function]]  # kernel name -> its lowered entry points
 
     def translation_unit(self) -> str:
         """The ``.c`` with its header pasted in, for building without files beside it."""
@@ -217,6 +242,7 @@ class FunctionLowering:
             unused.append(ws)
         return Function(
             name=f"{self.spec.name}_{entry.suffix}",
+            suffix=entry.suffix,
             doc=entry.doc.splitlines(),
             params=restrict_params,
             decl_params=params,
@@ -224,6 +250,7 @@ class FunctionLowering:
             buffers=buffers,
             nests=nests,
             workspace_terms=offset,
+            workspace_elements=sp.Add(*(size for _, size in self.temps)),
             unused=unused,
         )
 
@@ -250,7 +277,7 @@ class FunctionLowering:
             loop_vars.append(local.take(pool.pop(0)))
         var_syms = [sp.Symbol(v, integer=True) for v in loop_vars]
 
-        body_lines, subs = [], {}
+        body_lines, subs, indexed = [], {}, {}
         for op in node.operands:
             buf = self.buffers[op.node.id]
             self.read.add(buf)
@@ -258,6 +285,7 @@ class FunctionLowering:
             pretty = f"{buf}_{letters}" if len(letters) == op.node.rank and op.node.rank else buf.lower() if op.node.rank == 0 else f"{buf}_v"
             name = local.take(pretty if pretty != buf else buf + "_")
             offset = self.linear(op.node.shape, op.index, var_syms)
+            indexed[name] = self.indexed(buf, op.index, var_syms)
             if op.node.dtype == "bool":
                 body_lines.append(f"const int {name} = {buf}[{offset}] != 0;")
                 subs[op.symbol] = sp.Symbol(name)
@@ -275,6 +303,16 @@ class FunctionLowering:
             val = self.fp.doprint(value)
 
         comment = [self.describe(node, loop_vars, subs)]
+        to_math = {sp.Symbol(n, real=True): v for n, v in indexed.items()} | {sp.Symbol(n): v for n, v in indexed.items()}
+        math = NestMath(
+            target=self.indexed(out, node.out_index, var_syms) if node.rank else sp.Symbol(out),
+            reduce=node.reduce,
+            reduced=[(var_syms[v], node.loop[v]) for v in node.reduced_vars()] if node.reduce else [],
+            expr=expr.xreplace(to_math),
+            temps=[(t, e.xreplace(to_math)) for t, e in temps],
+            value=value.xreplace(to_math),
+            sources=sorted(node.sources),
+        )
         out_idx = self.linear(node.shape, node.out_index, var_syms)
         n_out = len(node.out_vars())
         gather = node.is_gather_form()
@@ -308,6 +346,7 @@ class FunctionLowering:
             inner=[(v, self.index(x)) for v, x in inner],
             body=body_lines,
             finish=finish,
+            math=math,
         )
 
     def identity(self, reduce: str | None) -> str:
@@ -319,6 +358,13 @@ class FunctionLowering:
         cmp = ">" if reduce == "max" else "<"
         # NaN wins, as in NumPy: once the accumulator is NaN no comparison replaces it.
         return f"if ({term} {cmp} {target} || {term} != {term}) {target} = {term};"
+
+    def indexed(self, buf: str, index: ir.IndexMap, var_syms) -> sp.Expr:
+        if not index:
+            return sp.Symbol(buf)
+        dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
+        pos = [(a.offset if a.var is None else a.stride * var_syms[a.var] + a.offset).xreplace(dims) for a in index]
+        return sp.IndexedBase(buf)[tuple(pos)]
 
     def linear(self, shape, index: ir.IndexMap, var_syms) -> str:
         stride = sp.Integer(1)
@@ -353,7 +399,9 @@ class FunctionLowering:
         self.read.add(src)
         e = self.names.child().take("e")
         size = self.index(ir.num_elements(node.shape))
-        return Nest([f"{name} = {src} (output copy)"], None, [(e, size)], None, [], [f"{name}[{e}] = {src}[{e}];"], None)
+        var = sp.Symbol(e, integer=True)
+        math = NestMath(sp.IndexedBase(name)[var], None, [], sp.IndexedBase(src)[var], [], sp.IndexedBase(src)[var], sorted(node.sources))
+        return Nest([f"{name} = {src} (output copy)"], None, [(e, size)], None, [], [f"{name}[{e}] = {src}[{e}];"], None, math)
 
 
 def _expand_small_powers(expr: sp.Expr) -> sp.Expr:
@@ -378,8 +426,10 @@ def repr_affine(a: ir.Affine, loop_vars) -> str:
 def render(specs: Sequence[KernelSpec], module: str) -> Rendered:
     """The ``.c``, the ``.h`` and cffi's declarations for the kernels of one module."""
     kernels = []
+    functions = {}
     for spec in specs:
         fns = [FunctionLowering(spec, e).lower() for e in spec.entries]
+        functions[spec.name] = fns
         ctype = "float" if spec.dtype == "f32" else "double"
         kernels.append(
             {
@@ -397,4 +447,4 @@ def render(specs: Sequence[KernelSpec], module: str) -> Rendered:
     cdef = "\n".join(
         line for line in template("cdef.h.j2").render(**ctx).splitlines() if line.strip()
     )
-    return Rendered(module, c_source, header, cdef)
+    return Rendered(module, c_source, header, cdef, functions)

@@ -29,6 +29,7 @@ class Lowered:
 
     spec: codegen.KernelSpec
     meta: dict
+    traced: Traced
 
 
 def _shape_strings(shape) -> list[str]:
@@ -70,12 +71,29 @@ def _source_of(fn: Callable) -> str:
         return ""
 
 
-def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = None, stable: bool = True) -> Lowered:
-    """Trace ``k`` and build its entry points (forward, value_and_grad, vjp) as fused graphs.
+Progress = Callable[[str], None]
+
+
+def _quiet(stage: str) -> None:
+    pass
+
+
+def lower(
+    k: Kernel,
+    wrt=None,
+    dtype: str | None = None,
+    *,
+    name: str | None = None,
+    stable: bool = True,
+    progress: Progress = _quiet,
+) -> Lowered:
+    """Trace ``k`` and build its entry points (forward, value_and_grad, vjp, jvp, hvp) as fused graphs.
 
     With ``stable`` (the default) the stability rewrites of :mod:`gradc.stability` run on
-    the fused forward graph before it is differentiated.
+    the fused forward graph before it is differentiated.  ``progress(stage)`` is called as
+    each stage starts.
     """
+    progress(f"tracing {name or k.name}")
     traced = k.trace()
     graph = traced.graph
     dtype = _compute_dtype(traced, dtype)
@@ -85,6 +103,7 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
     by_name = {i.param: i for i in params}
     n_out = len(graph.outputs)
     fired: Counter = Counter()
+    progress("fusing and applying stability rewrites")
     outs = rewrite.fuse(graph.outputs)
     if stable:
         outs = stability.stabilize(outs, fired)
@@ -95,6 +114,7 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
         return ", ".join(f"{n}[{']['.join(map(str, node.shape))}]" if node.rank else f"{n} (scalar)" for n, node in nodes)
 
     def entry(suffix: str, inputs: list[ir.Input], names: list[str], nodes: list[ir.Node], what: str) -> codegen.Entry:
+        progress(f"fusing {cname}_{suffix}")
         final = rewrite.prune(rewrite.fuse(nodes))
         extra = [i for i in inputs if i not in params]
         doc = f"{cname}_{suffix}: {what}.\nShapes: {shape_doc([(i.param, i) for i in params + extra] + list(zip(names, final)))}."
@@ -104,6 +124,7 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
     entries = [entry("forward", params, out_names, outs, f"{', '.join(out_names)} = {call}")]
     scalar = n_out == 1 and graph.outputs[0].rank == 0
     if wrt_names:
+        progress("differentiating")
         wrt_nodes = [by_name[w] for w in wrt_names]
         grad_names = [f"d_{w}" for w in wrt_names]
         if scalar:
@@ -156,7 +177,7 @@ def lower(k: Kernel, wrt=None, dtype: str | None = None, *, name: str | None = N
         "wrt_single": single,
         "entries": {e.suffix: f"{spec.name}_{e.suffix}" for e in entries},
     }
-    return Lowered(spec, meta)
+    return Lowered(spec, meta, traced)
 
 
 def _hvp(outs: list[ir.Node], wrt: list[ir.Input], vs: list[ir.Input]) -> list[ir.Node]:
@@ -166,7 +187,9 @@ def _hvp(outs: list[ir.Node], wrt: list[ir.Input], vs: list[ir.Input]) -> list[i
     adds one fused tangent per gradient node and keeps no second backward sweep.
     Reverse-over-reverse can win when the gradient graph is much larger than the forward.
     """
-    grads = autodiff.vjp(outs, [ir.constant(1)], wrt)
+    # Fused first, so that a select in the gradient (a custom gradient's where(x > 0, 0.5/sqrt(x), 0))
+    # differentiates to a choice between derivatives, not to a mask times the Inf of the branch not taken.
+    grads = rewrite.fuse(autodiff.vjp(outs, [ir.constant(1)], wrt))
     forward_over_reverse = autodiff.jvp(grads, wrt, vs)
     dots = [
         ir.Map((), g.shape, (), [(g, ir.identity_map(g.rank)), (v, ir.identity_map(v.rank))], lambda a, b: a * b, reduce="sum")
@@ -183,10 +206,12 @@ def _work(nodes: Sequence[ir.Node]) -> tuple[int, int]:
     return len(maps), sum(sp.count_ops(m.expr) for m in maps)
 
 
-def compile_many(lowered: Sequence[Lowered], module: str, *, cflags: Sequence[str] | None = None):
+def compile_many(lowered: Sequence[Lowered], module: str, *, cflags: Sequence[str] | None = None, progress: Progress = _quiet):
     from . import build
 
+    progress("generating C (common subexpressions)")
     rendered = codegen.render([l.spec for l in lowered], module)
+    progress("building with the C compiler (or loading from the cache)")
     built = build.build_module(rendered.translation_unit(), rendered.cdef, name=module, cflags=list(cflags) if cflags else None)
     return rendered, built
 
@@ -214,6 +239,8 @@ def compile(
     rendered, built = compile_many([lowered], lowered.spec.name, cflags=cflags)
     compiled = CompiledKernel(lowered.meta, built.ffi, built.lib, c_source=rendered.c_source, header=rendered.header)
     compiled.kernel = k
+    compiled.lowered = lowered
+    compiled.rendered = rendered
     _memo[key] = compiled
     return compiled
 

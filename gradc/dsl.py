@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import sympy as sp
 
-from . import autodiff, ir
+from . import autodiff, ir, rewrite
 from .errors import DimensionError, GradcError, ShapeError, TraceError
 from .scalar import Relu, Sigmoid, Softplus, StopGradient, expm1, log1p
 
@@ -863,9 +863,18 @@ def value_and_grad(fn: Callable, argnums=0) -> Callable:
         if out.ndim != 0:
             raise _error(ShapeError, f"gradc.grad needs a function with a scalar (0-d) output, got shape {tuple(out.node.shape)}")
         seed = ir.constant(1, loc=user_location())
-        grads = autodiff.vjp([out.node], [seed], [proxies[i].node for i in nums])
-        grads = tuple(Tensor(g) for g in grads)
-        return out, grads[0] if single else grads
+        wrt = [proxies[i].node for i in nums]
+        # Fused before differentiating, as compile does with a kernel, so that
+        # where(z > 0, log(z), 0) differentiates to a choice between 1/z and 0, not to a
+        # mask times the Inf of the branch not taken.  Only fn's own nodes are fused.
+        order = ir.topo_order([out.node])
+        inside = {w.id for w in wrt}
+        for node in order:
+            if any(a.id in inside for a in node.args):
+                inside.add(node.id)
+        (value,) = rewrite.fuse([out.node], [n for n in order if n.id not in inside] + wrt)
+        grads = tuple(Tensor(g) for g in autodiff.vjp([value], [seed], wrt))
+        return Tensor(value), grads[0] if single else grads
 
     return wrapped
 

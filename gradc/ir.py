@@ -108,13 +108,16 @@ class Node:
         self.loc = loc
         #: every DSL source line this node computes something for (grows as rewrites merge nodes)
         self.sources: frozenset[Location] = frozenset({loc}) if loc else frozenset()
+        #: ids of the traced nodes this node computes (grows as fusion merges nodes)
+        self.members: frozenset[int] = frozenset({self.id})
 
     def inherit(self, *others: "Node") -> "Node":
-        """Take the name, hint and source lines of the node(s) a rewrite made this one from."""
+        """Take the name, hint, source lines and members of the node(s) a rewrite made this one from."""
         for other in others:
             self.name = self.name or other.name
             self.hint = self.hint or other.hint
             self.sources = self.sources | other.sources
+            self.members = self.members | other.members
         return self
 
     @property

@@ -58,6 +58,12 @@ class GradcCPrinter(C99CodePrinter):
         return f"{self.fn('pow')}({self._print(base)}, {self._print(e)})"
 
     # -- gradc's scalar functions (Sigmoid and Softplus are lowered before CSE: scalar.lower_for_c)
+    def _print_Sigmoid(self, expr):
+        # Codegen lowers these before CSE (scalar.lower_for_c); this serves direct printing.
+        return self._print(expr.c_form(expr.args[0]))
+
+    _print_Softplus = _print_Sigmoid
+
     def _print_FiniteOrZero(self, expr):
         x = self._print(expr.args[0])
         return f"(isfinite({x}) ? {x} : {self.lit(0)})"

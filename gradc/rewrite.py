@@ -40,11 +40,16 @@ def _through(inner: ir.IndexMap, outer: ir.IndexMap) -> ir.IndexMap:
     return tuple(a.compose(outer[a.var]) if a.var is not None else a for a in inner)
 
 
-def fuse(outputs: Sequence[ir.Node]) -> list[ir.Node]:
-    """Return new output nodes with elementwise producers inlined into their consumers."""
+def fuse(outputs: Sequence[ir.Node], fixed: Sequence[ir.Node] = ()) -> list[ir.Node]:
+    """Return new output nodes with elementwise producers inlined into their consumers.
+
+    Nodes in ``fixed`` stay as they are, neither rebuilt nor inlined: the boundary of a
+    region fused on its own (the function inside ``gradc.grad`` and its arguments).
+    """
     order = ir.topo_order(outputs)
     users = ir.consumers(order)
-    keep = {o.id for o in outputs}
+    fixed_ids = {f.id for f in fixed}
+    keep = {o.id for o in outputs} | fixed_ids
     new: dict[int, ir.Node] = {}
     origin: dict[int, ir.Node] = {}  # a rebuilt node's id -> the node of ``outputs``' graph it stands for
 
@@ -60,7 +65,9 @@ def fuse(outputs: Sequence[ir.Node]) -> list[ir.Node]:
         return once and len(users[original.id]) == 1
 
     for node in order:
-        if isinstance(node, ir.Map):
+        if node.id in fixed_ids:
+            new[node.id] = node
+        elif isinstance(node, ir.Map):
             new[node.id] = _fuse_node(node, new, inlinable)
         else:
             new[node.id] = node.with_args([new[a.id] for a in node.args])

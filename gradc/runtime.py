@@ -297,6 +297,20 @@ class CompiledKernel:
             return blocks[0][0]
         return tuple(tuple(row) for row in blocks)
 
+    def show(self, view: str = "c", **options) -> str:
+        """A view of the kernel for people: ``c``, ``header``, ``math`` (``latex=True``), ``stats`` or ``graph`` (DOT)."""
+        if view == "c":
+            return self.c_source
+        if view == "header":
+            return self.header
+        lowered = getattr(self, "lowered", None)
+        if lowered is None:
+            raise GradcError(f"{self.name}: the {view!r} view needs gradc's compiler; this kernel was loaded from an exported package")
+        from gradc import views
+
+        compiled = views.Compiled(lowered, self.rendered.functions[lowered.spec.name], self.c_source, self.header)
+        return views.render(view, compiled, **options)
+
     def workspace_size(self, **dims) -> int:
         """Bytes of workspace the C functions need for these named dimensions."""
         return int(self._workspace_size(*(dims[d] for d in self.dims)))

@@ -12,6 +12,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 __all__ = [
     "Sigmoid",
     "Softplus",
+    "Tanh",
     "Relu",
     "StopGradient",
     "Step",
@@ -50,6 +51,28 @@ class Softplus(sp.Function):
     @staticmethod
     def c_form(x):
         return sp.Max(x, 0) + log1p(sp.exp(-sp.Abs(x)))
+
+
+class Tanh(sp.Function):
+    """tanh(x) whose derivative is 4 sigmoid(2x) sigmoid(-2x), emitted as C's tanh.
+
+    SymPy's derivative of tanh, 1 - tanh(x)**2, cancels to 0 wherever tanh(x) rounds to ±1
+    (|x| > 19 in float64), although sech(x)**2 is representable down to |x| ~ 354.
+    """
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return 4 * Sigmoid(2 * x) * Sigmoid(-2 * x)
+
+    @staticmethod
+    def c_form(x):
+        return sp.tanh(x)
+
+    def _numpycode(self, printer):
+        # For sympy.lambdify (gradc.reference evaluates stabilized graphs with it).
+        return printer._print(sp.tanh(*self.args))
 
 
 class Step(sp.Function):
@@ -91,7 +114,7 @@ class FiniteOrZero(sp.Function):
 
 def lower_for_c(expr: sp.Expr) -> sp.Expr:
     """Replace the functions that have a ``c_form`` by it, so CSE shares their pieces."""
-    for fn in (Sigmoid, Softplus):
+    for fn in (Sigmoid, Softplus, Tanh):
         if expr.has(fn):
             expr = expr.replace(fn, fn.c_form)
     return expr

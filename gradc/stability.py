@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import sympy as sp
 
 from . import ir
-from .scalar import FiniteOrZero, Sigmoid, Softplus, StopGradient, expm1, log1p
+from .scalar import FiniteOrZero, Sigmoid, Softplus, StopGradient, Tanh, expm1, log1p
 
 
 @dataclass(frozen=True)
@@ -154,9 +154,19 @@ def _sqrt_of_square(e):
 
 def _log_cosh(e):
     # log(cosh(a)) = |a| + log1p(exp(-2|a|)) - log(2): cosh overflows for |a| > 89 in float32.
+    # Below |a| = 1 that form cancels (|a| - log(2) + log(2) - |a| + a**2/2), and so does
+    # log(cosh(a)) itself; log1p(2 sinh(a/2)**2) (cosh(a) = 1 + 2 sinh(a/2)**2) does not.
     if isinstance(e, sp.log) and isinstance(e.args[0], sp.cosh):
-        a = sp.Abs(e.args[0].args[0])
-        return a + log1p(sp.exp(-2 * a)) - sp.log(2)
+        x = e.args[0].args[0]
+        a = sp.Abs(x)
+        return sp.Piecewise((log1p(2 * sp.sinh(x / 2) ** 2), a < 1), (a + log1p(sp.exp(-2 * a)) - sp.log(2), True))
+    return None
+
+
+def _tanh(e):
+    # Same value; only the derivative changes (see gradc.scalar.Tanh).
+    if isinstance(e, sp.tanh):
+        return Tanh(e.args[0])
     return None
 
 
@@ -168,7 +178,8 @@ RULES: tuple[Rule, ...] = (
     Rule("log-sigmoid", "log(sigmoid(x)) -> -softplus(-x)", _log_sigmoid),
     Rule("log-of-exp-product", "log(exp(a) * r) -> a + log(r) (log-softmax)", _log_of_exp_product),
     Rule("combine-exps", "exp(a) * exp(b) -> exp(a + b)", _combine_exps),
-    Rule("log-cosh", "log(cosh(x)) -> |x| + log1p(exp(-2|x|)) - log(2)", _log_cosh),
+    Rule("log-cosh", "log(cosh(x)) -> log1p(2 sinh(x/2)**2) for |x| < 1, else |x| + log1p(exp(-2|x|)) - log(2)", _log_cosh),
+    Rule("tanh", "tanh(x) -> tanh(x) differentiated as 4 sigmoid(2x) sigmoid(-2x), not 1 - tanh(x)**2", _tanh),
     Rule("log1p", "log(1 + x) -> log1p(x)", _log1p),
     Rule("expm1", "exp(x) - 1 -> expm1(x)", _expm1),
     Rule("sqrt-of-square", "sqrt(x*x) -> |x|", _sqrt_of_square),
@@ -209,7 +220,10 @@ def _sum_of_exp(node: ir.Node) -> sp.Expr | None:
     """The exponent ``u`` when ``node`` is ``sum(exp(u))`` not already shifted, else None."""
     if isinstance(node, ir.Map) and node.reduce == "sum" and _is_exp(node.expr):
         u = node.expr.args[0]
-        if not u.has(StopGradient):  # gradc.logsumexp and earlier rewrites shift already
+        # gradc.logsumexp and earlier rewrites shift already: by a stop_gradient inlined into
+        # the body, or read from a node of its own (gradc.logsumexp's max has two readers).
+        stopped = [o for o in node.operands if isinstance(o.node, ir.Map) and o.node.expr.has(StopGradient)]
+        if not u.has(StopGradient) and not any(o.symbol in u.free_symbols for o in stopped):
             return u
     return None
 

@@ -224,6 +224,47 @@ def test_concatenate_and_stack_values_match_numpy():
     np.testing.assert_allclose(st, np.stack([b, -b], axis=1))
 
 
+# Each entry: the same expression in the DSL and in NumPy, on y: [5, 4], x: [n] (n = 6), s: [3, 3].
+SEMANTICS = {
+    "negative_step": (lambda g, y, x, s: y[3:0:-1], None),
+    "negative_bounds_and_steps": (lambda g, y, x, s: y[-1:-4:-2, ::-2], None),
+    "none_last": (lambda g, y, x, s: y[..., None], None),
+    "none_between": (lambda g, y, x, s: y[:, None, 1], None),
+    "named_negative_index": (lambda g, y, x, s: x[-2] * x[1:-2], None),
+    "named_head": (lambda g, y, x, s: x[:3], None),
+    "transpose_negative_axes": (lambda g, y, x, s: g.transpose(y[None], (-1, 0, 1)), None),
+    "sum_negative_axes": (lambda g, y, x, s: g.sum(y[None], axis=(-1, 0)), None),
+    "concatenate_last_axis": (lambda g, y, x, s: g.concatenate([y, y[:, :1]], axis=-1), None),
+    "stack_last_axis": (lambda g, y, x, s: g.stack([y, 2 * y], axis=-1), None),
+    "einsum_diagonal": (lambda g, y, x, s: g.einsum("ii->i", s), None),
+    "einsum_trace": (lambda g, y, x, s: g.einsum("ii", s), None),
+    "einsum_outer": (lambda g, y, x, s: g.einsum("i,j->ij", x, x), None),
+    "mean_keepdims": (lambda g, y, x, s: g.mean(y, axis=0, keepdims=True), None),
+    "logsumexp_all": (lambda g, y, x, s: g.logsumexp(y), lambda y, x, s: np.log(np.exp(y).sum())),
+    "broadcast_to_named": (lambda g, y, x, s: g.broadcast_to(x, (2, x.shape[0])), None),
+    "powers": (lambda g, y, x, s: y**2 + (-1.5) ** 2 + y**-1 + 2.0**y, None),
+    "masks_as_numbers": (lambda g, y, x, s: (y > 0) * 1.0 + (y <= 0.1), None),
+    "mask_logic": (lambda g, y, x, s: g.where((y > 0) & ~(y > 1) | (y < -1), y, -y), None),
+    "minimum_maximum": (lambda g, y, x, s: g.maximum(y, 0.2) - g.minimum(y[0], y[1]), None),
+    "relu_abs_sign": (lambda g, y, x, s: g.relu(y) + g.abs(y) * g.sign(y), lambda y, x, s: np.maximum(y, 0) + np.abs(y) * np.sign(y)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEMANTICS))
+def test_traced_semantics_match_numpy(name):
+    dsl, numpy_form = SEMANTICS[name]
+
+    def k(y: f64[5, 4], x: f64["n"], s: f64[3, 3]):
+        return dsl(gradc, y, x, s)
+
+    rng = np.random.default_rng(6)
+    y, x, s = rng.standard_normal((5, 4)), rng.standard_normal(6), rng.standard_normal((3, 3))
+    want = numpy_form(y, x, s) if numpy_form else dsl(np, y, x, s)
+    got = run(k, {"n": 6}, y=y, x=x, s=s)
+    assert got.shape == np.shape(want)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- control flow
 def maps(traced) -> list:
     return [n for n in ir.topo_order(traced.graph.outputs) if isinstance(n, ir.Map)]

@@ -44,7 +44,7 @@ def _math(ftype):
         "sin": np.sin, "cos": np.cos, "tan": np.tan, "exp": np.exp, "log": np.log, "sqrt": np.sqrt,
         "tanh": np.tanh, "sinh": np.sinh, "cosh": np.cosh, "asin": np.arcsin, "acos": np.arccos,
         "atan": np.arctan, "fabs": np.abs, "log1p": np.log1p, "expm1": np.expm1, "pow": np.power,
-        "fmax": np.fmax, "fmin": np.fmin, "floor": np.floor, "ceil": np.ceil, "atan2": np.arctan2,
+        "fmax": np.fmax, "fmin": np.fmin,
     }  # fmt: skip
     suffix = "f" if ftype is np.float32 else ""
     return {name + suffix: wrap(f) for name, f in names.items()}
