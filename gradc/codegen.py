@@ -11,7 +11,6 @@ the data they display.
 from __future__ import annotations
 
 import functools
-import keyword
 import os
 import re
 from dataclasses import dataclass
@@ -25,22 +24,7 @@ from . import __version__, ir
 from .printer import GradcCPrinter, IndexPrinter
 from .scalar import lower_for_c
 
-C_KEYWORDS = set(
-    """auto break case char const continue default do double else enum extern float for goto if inline int long
-    register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while
-    _Bool _Complex _Imaginary bool true false class new delete this template typename namespace operator private
-    public protected virtual friend using try catch throw export asm INFINITY NAN""".split()
-)
-# A local buffer named after an op (`sin`, `exp`) would shadow the <math.h> function it calls.
-C_KEYWORDS |= {
-    name + suffix
-    for name in """sin cos tan asin acos atan atan2 sinh cosh tanh asinh acosh atanh exp exp2 expm1 log log2 log10
-    log1p sqrt cbrt pow fabs fmax fmin fma floor ceil round trunc fmod hypot erf erfc tgamma lgamma copysign
-    nan nearbyint rint lround remainder""".split()
-    for suffix in ("", "f", "l")
-} | set("HUGE_VAL HUGE_VALF isnan isinf isfinite signbit fpclassify size_t ptrdiff_t NULL".split())
 LOOP_VARS = "ijklmnpqrstuvw"
-ALIGN_ELEMENTS = 16  # 64-byte alignment for float, 128 for double: whole cache lines / vectors
 
 
 @dataclass
@@ -135,7 +119,7 @@ class Names:
         base = re.sub(r"\W", "_", preferred) or "v"
         if base[0].isdigit():
             base = "v" + base
-        if base in C_KEYWORDS or keyword.iskeyword(base) or base.startswith("gradc_"):
+        if ir.reserved(base):
             base += "_"
         name, n = base, 1
         while name in self.taken:

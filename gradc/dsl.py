@@ -77,6 +77,11 @@ class _DType:
                     f"gradc.{self.name}[...]: a dimension must be a non-negative int or a dimension name "
                     f"(a Python identifier), got {d!r}"
                 )
+            if isinstance(d, str) and ir.reserved(d):
+                raise TypeError(
+                    f"gradc.{self.name}[...]: the dimension name {d!r} is reserved in C or Python "
+                    f"(it becomes an argument of the generated C function); choose another name"
+                )
         return TensorType(self.name, tuple(dims))
 
     def __repr__(self) -> str:

@@ -19,10 +19,32 @@ and :class:`Reshape`, a free reinterpretation of a contiguous buffer.
 from __future__ import annotations
 
 import itertools
+import keyword
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import sympy as sp
+
+RESERVED_C_NAMES = set(
+    """auto break case char const continue default do double else enum extern float for goto if inline int long
+    register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while
+    _Bool _Complex _Imaginary bool true false class new delete this template typename namespace operator private
+    public protected virtual friend using try catch throw export asm INFINITY NAN""".split()
+)
+# A local buffer named after an op (`sin`, `exp`) would shadow the <math.h> function it calls.
+RESERVED_C_NAMES |= {
+    name + suffix
+    for name in """sin cos tan asin acos atan atan2 sinh cosh tanh asinh acosh atanh exp exp2 expm1 log log2 log10
+    log1p sqrt cbrt pow fabs fmax fmin fma floor ceil round trunc fmod hypot erf erfc tgamma lgamma copysign
+    nan nearbyint rint lround remainder""".split()
+    for suffix in ("", "f", "l")
+} | set("HUGE_VAL HUGE_VALF isnan isinf isfinite signbit fpclassify size_t ptrdiff_t NULL".split())
+
+
+def reserved(name: str) -> bool:
+    """A name generated C or Python glue cannot use for a buffer or a dimension."""
+    return name in RESERVED_C_NAMES or keyword.iskeyword(name) or name.startswith("gradc_")
+
 
 Extent = sp.Expr  # an integer SymPy expression in the named-dimension symbols
 Location = tuple[str, int]  # (filename, line) of the DSL code that created a node

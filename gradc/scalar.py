@@ -30,6 +30,12 @@ class Sigmoid(sp.Function):
 
     is_real = True
 
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return 1 / (1 + sp.exp(-x))
+        return None
+
     def fdiff(self, argindex=1):
         # sigmoid(x) * sigmoid(-x), not s * (1 - s): no cancellation to 0 where s rounds to 1.
         return Sigmoid(self.args[0]) * Sigmoid(-self.args[0])
@@ -44,6 +50,12 @@ class Softplus(sp.Function):
     """log(1 + exp(x)); emitted as max(x, 0) + log1p(exp(-|x|)), which never overflows."""
 
     is_real = True
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return sp.log(1 + sp.exp(x))
+        return None
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0])
