@@ -84,21 +84,23 @@ def lower(
     dtype: str | None = None,
     *,
     name: str | None = None,
+    prefix: str = "",
     stable: bool = True,
     progress: Progress = _quiet,
 ) -> Lowered:
     """Trace ``k`` and build its entry points (forward, value_and_grad, vjp, jvp, hvp) as fused graphs.
 
-    With ``stable`` (the default) the stability rewrites of :mod:`gradc.stability` run on
-    the fused forward graph before it is differentiated.  ``progress(stage)`` is called as
-    each stage starts.
+    ``wrt=None`` takes the kernel's own default (``@gradc.kernel(wrt=...)``, else every
+    parameter).  The C functions are called ``<prefix><name>_<entry>``.  With ``stable``
+    (the default) the stability rewrites of :mod:`gradc.stability` run on the fused forward
+    graph before it is differentiated.  ``progress(stage)`` is called as each stage starts.
     """
     progress(f"tracing {name or k.name}")
     traced = k.trace()
     graph = traced.graph
     dtype = _compute_dtype(traced, dtype)
-    wrt_names, single = _wrt_list(traced, wrt)
-    cname = name or k.name
+    wrt_names, single = _wrt_list(traced, k.wrt if wrt is None else wrt)
+    cname = codegen.Names().take(prefix + (name or k.name))
     params = graph.inputs
     by_name = {i.param: i for i in params}
     n_out = len(graph.outputs)
@@ -117,7 +119,11 @@ def lower(
         progress(f"fusing {cname}_{suffix}")
         final = rewrite.prune(rewrite.fuse(nodes))
         extra = [i for i in inputs if i not in params]
-        doc = f"{cname}_{suffix}: {what}.\nShapes: {shape_doc([(i.param, i) for i in params + extra] + list(zip(names, final)))}."
+        doc = (
+            f"{cname}_{suffix}: {what}.\n"
+            f"Inputs:  {shape_doc([(i.param, i) for i in params + extra])}.\n"
+            f"Outputs: {shape_doc(list(zip(names, final)))}."
+        )
         return codegen.Entry(suffix, inputs, list(zip(names, final)), doc)
 
     call = f"{k.name}({sig})"
@@ -154,7 +160,7 @@ def lower(
             entries.append(entry("hvp", params + vs, [f"hv_{w}" for w in wrt_names], _hvp(outs, wrt_nodes, vs), what))
     origin = f"{os.path.basename(traced.source_file)}:{traced.source_line}" if traced.source_file else ""
     spec = codegen.KernelSpec(
-        name=codegen.Names().take(cname),
+        name=cname,
         dtype=dtype,
         dims=traced.dims,
         constraints=traced.constraints,

@@ -1006,8 +1006,12 @@ def _params_of(fn) -> list[Param]:
 class Kernel:
     """A function decorated with ``@gradc.kernel``."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, wrt: str | Sequence[str] | None = None):
         self.fn = fn
+        #: The parameters to differentiate with respect to when neither ``gradc.compile`` nor
+        #: ``gradc compile --wrt`` says (None: all), so one file can mix a loss with its
+        #: forward-only helpers and still compile with one command.
+        self.wrt = wrt if wrt is None or isinstance(wrt, str) else list(wrt)
         self.__name__ = fn.__name__
         self.__qualname__ = getattr(fn, "__qualname__", fn.__name__)
         self.__doc__ = fn.__doc__
@@ -1039,8 +1043,25 @@ class Kernel:
         return f"<gradc.kernel {self.name}({sig})>"
 
 
-def kernel(fn: Callable) -> Kernel:
-    return fn if isinstance(fn, Kernel) else Kernel(fn)
+def kernel(fn: Callable | None = None, *, wrt: str | Sequence[str] | None = None):
+    """``@gradc.kernel``, or ``@gradc.kernel(wrt=[...])`` to choose the default ``wrt`` (``[]``: forward only)."""
+    if fn is None:
+        return lambda f: kernel(f, wrt=wrt)
+    if isinstance(fn, Kernel):
+        return fn
+    k = Kernel(fn, wrt)
+    if wrt is not None:
+        names = [p.name for p in k.params]
+        wanted = [w.strip() for w in wrt.split(",")] if isinstance(wrt, str) else list(wrt)
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise TraceError(
+                f"kernel '{fn.__name__}': wrt names {', '.join(map(repr, unknown))}, which {'is' if len(unknown) == 1 else 'are'} "
+                f"not parameters (parameters: {', '.join(names)})",
+                filename=fn.__code__.co_filename,
+                lineno=fn.__code__.co_firstlineno,
+            )
+    return k
 
 
 def _name_locals(code, frame_filter):

@@ -511,7 +511,11 @@ def _bad_kernel(custom, nargs):
         (too_few, 2, r"custom gradient too_few: grad_fn returned 1 gradient\(s\) for 2 argument\(s\)"),
         (too_many, 1, r"custom gradient too_many: grad_fn returned 2 gradient\(s\) for 1 argument\(s\)"),
         (wrong_shape, 1, r"custom gradient wrong_shape: grad_fn's gradient 0 has shape \(\), but argument 0 has shape \(3,\)"),
-        (wrong_scalar_shape, "scalar", r"custom gradient wrong_scalar_shape: grad_fn's gradient 1 has shape \(3,\), but argument 1 has shape \(\)"),
+        (
+            wrong_scalar_shape,
+            "scalar",
+            r"custom gradient wrong_scalar_shape: grad_fn's gradient 1 has shape \(3,\), but argument 1 has shape \(\)",
+        ),
         (no_grad_fn, 1, r"custom gradient no_grad_fn: the function must return \(value, grad_fn\)"),
     ],
     ids=lambda p: p.__name__ if callable(p) else None,
@@ -520,3 +524,23 @@ def test_malformed_rules_are_shape_errors_naming_the_function(custom, nargs, mes
     with pytest.raises(gradc.ShapeError, match=message) as info:
         gradc.compile(_bad_kernel(custom, nargs))
     assert "test_custom_gradient.py" in str(info.value)
+
+
+def inner_where(t):
+    def inner_where(x: t[4], v: t[4]):
+        return gradc.sum(gradc.grad(lambda z: gradc.sum(gradc.where(z > 0, gradc.log(z), 0)))(x) * v)
+
+    return inner_where
+
+
+def test_inner_gradient_of_a_where_selects_without_a_custom_gradient():
+    """What the custom sqrt above does by hand, gradc.grad does for where itself: the inner
+    gradient is where(x > 0, 1/x, 0), 0 at x = 0, and so is its own derivative."""
+    k = compiled(inner_where, "f64")
+    x = np.array([0.0, 0.5, -1.0, 2.0])
+    v = np.array([1.0, 2.0, 3.0, -1.0])
+    value, (dx, dv) = k.value_and_grad(x, v)
+    safe = np.where(x > 0, x, 1)
+    assert_close(dv, np.where(x > 0, 1 / safe, 0), TOL["f64"], "inner gradient")
+    assert_close(value, np.where(x > 0, 1 / safe, 0) @ v, TOL["f64"], "value")
+    assert_close(dx, np.where(x > 0, -v / safe**2, 0), TOL["f64"], "its derivative")
