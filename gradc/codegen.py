@@ -20,8 +20,8 @@ from typing import Sequence
 import jinja2
 import sympy as sp
 
-from . import __version__, ir
-from .printer import GradcCPrinter, IndexPrinter
+from . import __version__, ir, schedule
+from .printer import VECTOR_MATH_ORDER, GradcCPrinter, IndexPrinter
 from .scalar import lower_for_c
 
 LOOP_VARS = "ijklmnpqrstuvw"
@@ -56,29 +56,86 @@ class NestMath:
     reduce: str | None
     reduced: list[tuple[sp.Symbol, sp.Expr]]  # the loop variables reduced over, with their extents
     expr: sp.Expr  # the body before CSE, operands as Indexed
-    temps: list[tuple[sp.Symbol, sp.Expr]]  # the CSE temporaries
+    temps: list[tuple[sp.Symbol, sp.Expr]]  # the CSE temporaries (shared by a nest's outputs)
     value: sp.Expr  # the body after CSE
     sources: list[tuple[str, int]]
 
-    @property
-    def ops_before_cse(self) -> int:
-        return int(sp.count_ops(self.expr))
 
-    @property
-    def ops_after_cse(self) -> int:
-        return int(sum(sp.count_ops(e) for _, e in self.temps) + sp.count_ops(self.value))
+@dataclass
+class Update:
+    """How one reduction's term reaches its accumulator, in each place of the loop nest."""
+
+    direct_update: str  # a plain innermost loop (or no loop)
+    ctype: str = ""  # the rest: lanes only
+    lanes: str = ""
+    identity: str = ""
+    part: str = ""
+    lane_update: str = ""
+    part_update: str = ""
+    tail_update: str = ""
+    block_update: str = ""
+
+
+@dataclass
+class Lane:
+    """Names of the block/lane loop variables of a vectorised innermost loop."""
+
+    block: str
+    end: str
+    start: str
+    l: str
+    block_size: int
+
+
+@dataclass
+class Tile:
+    """A contraction computed in register tiles (see ``tile`` in gradc/schedule.py)."""
+
+    outer: list[tuple[str, str]]  # (variable, extent) of the other output loops
+    row: tuple[str, str] | None  # the row loop (None: the output has one axis)
+    col: tuple[str, str]  # the unit-stride column loop
+    reds: list[tuple[str, str]]  # the reduction loops
+    rows: int
+    cols: int
+    blocked: bool  # sums: blocks of the (single) reduction loop go into a double tile
+    block_size: int
+    ctype: str
+    identity: str
+    tile: str  # names: the register tile, the double tile, loop variables
+    wide: str
+    row0: str
+    col0: str
+    row_full: str
+    col_full: str
+    gi: str
+    gj: str
+    blk: str
+    blk_end: str
+    acc: str
+    acc_type: str
+    tile_update: str  # tile[gi][gj] op= term
+    flush: str  # wide[gi][gj] += tile[gi][gj]
+    acc_update: str  # the edges: one accumulator per element
+    store_tile: str  # out[...] = tile or wide
+    store_acc: str
 
 
 @dataclass
 class Nest:
+    """One loop nest (the shapes are in templates/nest.c.j2, the choices in gradc/schedule.py)."""
+
     comment: list[str]
-    init: str | None
-    outer: list[tuple[str, str]]
-    acc: str | None
-    inner: list[tuple[str, str]]
-    body: list[str]
-    finish: str | None
-    math: NestMath
+    init: list[str]  # before the loops: filling an accumulated output with the identity
+    loops: list[tuple[str, str]]  # (variable, extent), outermost first
+    acc_depth: int  # accumulators are declared inside this many loops
+    accs: list[str]
+    body: list[str]  # one point: loads, CSE temporaries, stores, reduction terms
+    updates: list[Update]
+    finish: list[str]  # after the loops inside acc_depth: accumulators to the outputs
+    lanes: int  # 0, or the lane count of the innermost loop
+    lane: Lane | None
+    math: list[NestMath]
+    tile: Tile | None = None
 
 
 @dataclass
@@ -94,6 +151,7 @@ class Function:
     workspace_terms: list[str]
     workspace_elements: sp.Expr  # before the padding of each buffer to 16 elements
     unused: list[str]
+    helpers: set[str]  # vectorisable math functions (templates/vecmath.c.j2) it calls
 
 
 @dataclass
@@ -198,18 +256,20 @@ class FunctionLowering:
             else:
                 copies.append((name, node))
         nests = []
-        for node in order:
-            if isinstance(node, ir.Reshape):
-                self.buffers.setdefault(node.id, self.buffers.get(node.arg.id))
+        for group in schedule.groups(order):
+            head = group[0]
+            if isinstance(head, ir.Reshape):
+                self.buffers.setdefault(head.id, self.buffers.get(head.arg.id))
                 continue
-            if not isinstance(node, ir.Map):
+            if not isinstance(head, ir.Map):
                 continue
-            if node.id not in self.buffers:
-                name = self.names.take(node.label())
-                self.buffers[node.id] = name
-                self.temps.append((name, ir.num_elements(node.shape)))
-            self.shapes[self.buffers[node.id]] = node.shape
-            nests.append(self.nest(node))
+            for node in group:
+                if node.id not in self.buffers:
+                    name = self.names.take(node.label())
+                    self.buffers[node.id] = name
+                    self.temps.append((name, ir.num_elements(node.shape)))
+                self.shapes[self.buffers[node.id]] = node.shape
+            nests.append(self.nest(group))
         for name, node in copies:
             nests.append(self.copy(name, node))
 
@@ -236,101 +296,189 @@ class FunctionLowering:
             workspace_terms=offset,
             workspace_elements=sp.Add(*(size for _, size in self.temps)),
             unused=unused,
+            helpers=set(self.fp.helpers),
         )
 
     def checks(self) -> list[str]:
         conds = [f"{d} < 0" for d in self.spec.dims]
         for cond, _msg in self.spec.constraints:
             conds.append(f"!({self.ip.doprint(cond)})")
-        return conds
+        # Two slices often need the same thing (x[1:] - x[:-1]); test it once.
+        return list(dict.fromkeys(conds))
 
-    # -- one loop nest per node --------------------------------------------------------------
-    def nest(self, node: ir.Map) -> Nest:
-        out = self.buffers[node.id]
-        local = self.names.child()
-        loop_vars = []
-        pool = [c for c in LOOP_VARS] + [f"i{n}" for n in range(len(node.loop))]
-        for extent in node.loop:
+    # -- one loop nest per group of nodes (see gradc/schedule.py) ---------------------------
+    def loop_names(self, extents, local: Names) -> list[str]:
+        names = []
+        pool = [c for c in LOOP_VARS] + [f"i{n}" for n in range(len(extents))]
+        for extent in extents:
             # A loop over a one-letter named dimension N is called n, so the C reads like the math.
             dim = str(extent).lower() if extent.is_Symbol and len(str(extent)) == 1 else None
             if dim and dim not in local.taken:
-                loop_vars.append(local.take(dim))
+                names.append(local.take(dim))
                 continue
             while pool and pool[0] in local.taken:
                 pool.pop(0)
-            loop_vars.append(local.take(pool.pop(0)))
-        var_syms = [sp.Symbol(v, integer=True) for v in loop_vars]
+            names.append(local.take(pool.pop(0)))
+        return names
 
-        body_lines, subs, indexed = [], {}, {}
-        for op in node.operands:
-            buf = self.buffers[op.node.id]
-            self.read.add(buf)
-            letters = "".join(loop_vars[a.var] if a.is_plain and len(loop_vars[a.var]) == 1 else ("0" if a.var is None and a.offset == 0 else "") for a in op.index)
-            pretty = f"{buf}_{letters}" if len(letters) == op.node.rank and op.node.rank else buf.lower() if op.node.rank == 0 else f"{buf}_v"
-            name = local.take(pretty if pretty != buf else buf + "_")
-            offset = self.linear(op.node.shape, op.index, var_syms)
-            indexed[name] = self.indexed(buf, op.index, var_syms)
-            if op.node.dtype == "bool":
-                body_lines.append(f"const int {name} = {buf}[{offset}] != 0;")
-                subs[op.symbol] = sp.Symbol(name)
-            else:
-                body_lines.append(f"const {self.ctype} {name} = {buf}[{offset}];")
-                subs[op.symbol] = sp.Symbol(name, real=True)
-        expr = node.expr.xreplace(subs).xreplace({s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()})
-        temps, (value,) = sp.cse([_expand_small_powers(lower_for_c(expr))], symbols=(sp.Symbol(local.take(f"t{n}"), real=True) for n in range(10**6)))
+    def nest(self, group: list[ir.Map]) -> Nest:
+        head = group[0]
+        if len(group) == 1:
+            plan = schedule.schedule(head)
+        else:
+            plan = schedule.Schedule("map", tuple(range(len(head.loop))), 0, schedule.group_lanes(group))
+        local = self.names.child()
+        loop_vars = self.loop_names(head.loop, local)
+        var_syms = [sp.Symbol(v, integer=True) for v in loop_vars]
+        dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
+
+        loads: dict[tuple[str, str], sp.Symbol] = {}
+        body: list[str] = []
+        indexed: dict[sp.Symbol, sp.Expr] = {}
+        exprs = []
+        for node in group:
+            subs = {}
+            for op in node.operands:
+                buf = self.buffers[op.node.id]
+                self.read.add(buf)
+                offset = self.linear(op.node.shape, op.index, var_syms)
+                key = (buf, offset)
+                if key not in loads:
+                    letters = "".join(
+                        loop_vars[a.var] if a.is_plain and len(loop_vars[a.var]) == 1 else ("0" if a.var is None and a.offset == 0 else "")
+                        for a in op.index
+                    )
+                    pretty = f"{buf}_{letters}" if len(letters) == op.node.rank and op.node.rank else buf.lower() if op.node.rank == 0 else f"{buf}_v"
+                    name = local.take(pretty if pretty != buf else buf + "_")
+                    if op.node.dtype == "bool":
+                        body.append(f"const int {name} = {buf}[{offset}] != 0;")
+                        loads[key] = sp.Symbol(name)
+                    else:
+                        body.append(f"const {self.ctype} {name} = {buf}[{offset}];")
+                        loads[key] = sp.Symbol(name, real=True)
+                    indexed[loads[key]] = self.indexed(buf, op.index, var_syms)
+                subs[op.symbol] = loads[key]
+            exprs.append(node.expr.xreplace(subs).xreplace(dims))
+        symbols = (sp.Symbol(local.take(f"t{n}"), real=True) for n in range(10**6))
+        # Unevaluated products (x*x written out so CSE would share x) confuse sympy.cse's
+        # multiset matching and once dropped a factor; f(x)**2 prints as f(x)*f(x), and the
+        # C compiler merges the two pure calls.
+        temps, values = sp.cse([lower_for_c(e) for e in exprs], symbols=symbols)
         for sym, e in temps:
             kind = "int" if isinstance(e, sp.logic.boolalg.Boolean) else self.ctype
-            body_lines.append(f"const {kind} {sym} = {self.fp.doprint(e)};")
-        if node.dtype == "bool" and isinstance(value, sp.logic.boolalg.Boolean):
-            val = f"{self.fp.doprint(value)} ? 1 : 0"
-        else:
-            val = self.fp.doprint(value)
+            body.append(f"const {kind} {sym} = {self.fp.doprint(e)};")
 
-        comment = [self.describe(node, loop_vars, subs)]
-        to_math = {sp.Symbol(n, real=True): v for n, v in indexed.items()} | {sp.Symbol(n): v for n, v in indexed.items()}
-        math = NestMath(
-            target=self.indexed(out, node.out_index, var_syms) if node.rank else sp.Symbol(out),
-            reduce=node.reduce,
-            reduced=[(var_syms[v], node.loop[v]) for v in node.reduced_vars()] if node.reduce else [],
-            expr=expr.xreplace(to_math),
-            temps=[(t, e.xreplace(to_math)) for t, e in temps],
-            value=value.xreplace(to_math),
-            sources=sorted(node.sources),
-        )
-        out_idx = self.linear(node.shape, node.out_index, var_syms)
-        n_out = len(node.out_vars())
-        gather = node.is_gather_form()
-        init = None
-        if node.reduce is None:
-            outer, inner, acc, finish = list(zip(loop_vars, node.loop)), [], None, None
-            body_lines.append(f"{out}[{out_idx}] = {val};")
-        elif gather:
-            outer = list(zip(loop_vars[:n_out], node.loop[:n_out]))
-            inner = list(zip(loop_vars[n_out:], node.loop[n_out:]))
-            acc_name = local.take("acc")
+        init, accs, finish, updates = [], [], [], []
+        lanes = schedule.LANES if plan.lanes else 0
+        for node, value in zip(group, values):
+            out = self.buffers[node.id]
+            out_idx = self.linear(node.shape, node.out_index, var_syms)
+            if node.dtype == "bool" and isinstance(value, sp.logic.boolalg.Boolean):
+                val = f"{self.fp.doprint(value)} ? 1 : 0"
+            else:
+                val = self.fp.doprint(value)
+            if node.reduce is None:
+                body.append(f"{out}[{out_idx}] = {val};")
+                continue
+            term = local.take(f"term_{out}")
+            if plan.kind == "tile":
+                body.append(f"const {self.ctype} {term} = {val};")
+                tile_term = term
+                continue
+            if plan.kind == "accumulate":
+                size = self.index(ir.num_elements(node.shape))
+                e = local.take("e")
+                init.append(f"for (ptrdiff_t {e} = 0; {e} < {size}; ++{e}) {out}[{e}] = {self.identity(node.reduce)};")
+                body.append(f"const {self.ctype} {term} = {val};")
+                updates.append(Update(direct_update=self.update(f"{out}[{out_idx}]", term, node.reduce)))
+                continue
+            acc = local.take(f"acc_{out}")
             acc_type = "double" if node.reduce == "sum" else self.ctype
-            acc = f"{acc_type} {acc_name} = {self.identity(node.reduce)};"
-            body_lines.append(f"const {acc_type} {local.take('term')} = {val};")
-            term = body_lines[-1].split(" = ")[0].split()[-1]
-            body_lines.append(self.update(acc_name, term, node.reduce))
-            finish = f"{out}[{out_idx}] = ({self.ctype}){acc_name};" if acc_type != self.ctype else f"{out}[{out_idx}] = {acc_name};"
-        else:
-            size = self.index(ir.num_elements(node.shape))
-            e = local.take("e")
-            init = f"for (ptrdiff_t {e} = 0; {e} < {size}; ++{e}) {out}[{e}] = {self.identity(node.reduce)};"
-            outer, inner, acc, finish = list(zip(loop_vars, node.loop)), [], None, None
-            term = local.take("term")
-            body_lines.append(f"const {self.ctype} {term} = {val};")
-            body_lines.append(self.update(f"{out}[{out_idx}]", term, node.reduce))
+            accs.append(f"{acc_type} {acc} = {self.identity(node.reduce)};")
+            finish.append(f"{out}[{out_idx}] = {'(' + self.ctype + ')' if acc_type != self.ctype else ''}{acc};")
+            body.append(f"const {self.ctype} {term} = {val};")
+            if not lanes:
+                updates.append(Update(direct_update=self.update(acc, term, node.reduce)))
+                continue
+            lane_array, part = local.take(f"lanes_{out}"), local.take(f"part_{out}")
+            l_var = "gradc_l"
+            updates.append(
+                Update(
+                    direct_update=self.update(acc, term, node.reduce),
+                    ctype=self.ctype,
+                    lanes=lane_array,
+                    identity=self.identity(node.reduce),
+                    part=part,
+                    lane_update=self.update(f"{lane_array}[{l_var}]", term, node.reduce),
+                    part_update=self.update(part, f"{lane_array}[{l_var}]", node.reduce),
+                    tail_update=self.update(part, term, node.reduce),
+                    block_update=self.update(acc, part, node.reduce),
+                )
+            )
+        tile = self.tile(group[0], plan, loop_vars, local, tile_term) if plan.kind == "tile" else None
+        lane = None
+        if lanes:
+            v = loop_vars[plan.order[-1]]
+            lane = Lane(local.take(f"{v}_block"), local.take(f"{v}_end"), local.take(f"{v}_lane"), "gradc_l", schedule.BLOCK)
+        to_math = indexed
+        math = [
+            NestMath(
+                target=self.indexed(self.buffers[node.id], node.out_index, var_syms) if node.rank else sp.Symbol(self.buffers[node.id]),
+                reduce=node.reduce,
+                reduced=[(var_syms[v], node.loop[v]) for v in node.reduced_vars()] if node.reduce else [],
+                expr=expr.xreplace(to_math),
+                temps=[(t, e.xreplace(to_math)) for t, e in temps],
+                value=value.xreplace(to_math),
+                sources=sorted(node.sources),
+            )
+            for node, expr, value in zip(group, exprs, values)
+        ]
         return Nest(
-            comment=comment,
+            comment=[self.describe(node, loop_vars, var_syms) for node in group],
             init=init,
-            outer=[(v, self.index(x)) for v, x in outer],
-            acc=acc,
-            inner=[(v, self.index(x)) for v, x in inner],
-            body=body_lines,
+            loops=[(loop_vars[v], self.index(head.loop[v])) for v in plan.order],
+            acc_depth=plan.acc_depth,
+            accs=accs,
+            body=body,
+            updates=updates,
             finish=finish,
+            lanes=lanes,
+            lane=lane,
             math=math,
+            tile=tile,
+        )
+
+    def tile(self, node: ir.Map, plan, loop_vars: list[str], local: Names, term: str) -> Tile:
+        row, col = plan.tile
+        reds = node.reduced_vars()
+        out = self.buffers[node.id]
+        var_syms = [sp.Symbol(v, integer=True) for v in loop_vars]
+        out_idx = self.linear(node.shape, node.out_index, var_syms)
+        names = {k: local.take(k) for k in ("tile", "wide", "row0", "col0", "row_full", "col_full", "gi", "gj", "blk", "blk_end", "acc")}
+        blocked = node.reduce == "sum" and len(reds) == 1
+        acc_type = "double" if node.reduce == "sum" else self.ctype
+        held = names["wide"] if blocked else names["tile"]
+        cast = f"({self.ctype})" if blocked else ""
+        cell = f"[{names['gi']}][{names['gj']}]"
+        acc_cast = f"({self.ctype})" if acc_type != self.ctype else ""
+        return Tile(
+            outer=[(loop_vars[v], self.index(node.loop[v])) for v in plan.order[: plan.acc_depth]],
+            row=(loop_vars[row], self.index(node.loop[row])) if row is not None else None,
+            col=(loop_vars[col], self.index(node.loop[col])),
+            reds=[(loop_vars[v], self.index(node.loop[v])) for v in reds],
+            rows=schedule.TILE_ROWS if row is not None else 1,
+            cols=schedule.TILE_COLS if self.ctype == "float" else schedule.TILE_COLS // 2,
+            blocked=blocked,
+            block_size=schedule.BLOCK,
+            ctype=self.ctype,
+            identity=self.identity(node.reduce),
+            **{k: names[k] for k in ("tile", "wide", "row0", "col0", "row_full", "col_full", "gi", "gj", "blk", "blk_end", "acc")},
+            acc_type=acc_type,
+            tile_update=self.update(names["tile"] + cell, term, node.reduce),
+            flush=f"{names['wide']}{cell} += {names['tile']}{cell};",
+            acc_update=self.update(names["acc"], term, node.reduce),
+            store_tile=f"{out}[{out_idx}] = {cast}{held}{cell};",
+            store_acc=f"{out}[{out_idx}] = {acc_cast}{names['acc']};",
         )
 
     def identity(self, reduce: str | None) -> str:
@@ -341,7 +489,7 @@ class FunctionLowering:
             return f"{target} += {term};"
         cmp = ">" if reduce == "max" else "<"
         # NaN wins, as in NumPy: once the accumulator is NaN no comparison replaces it.
-        return f"if ({term} {cmp} {target} || {term} != {term}) {target} = {term};"
+        return f"{target} = (({term} {cmp} {target}) | ({term} != {term})) ? {term} : {target};"
 
     def indexed(self, buf: str, index: ir.IndexMap, var_syms) -> sp.Expr:
         if not index:
@@ -360,14 +508,15 @@ class FunctionLowering:
             stride = stride * extent
         return self.index(total.xreplace(dims))
 
-    def describe(self, node: ir.Map, loop_vars, subs) -> str:
+    def describe(self, node: ir.Map, loop_vars, var_syms) -> str:
         out = self.buffers[node.id]
         idx = ", ".join(repr_affine(a, loop_vars) for a in node.out_index)
         lhs = f"{out}[{idx}]" if node.rank else out
         red = node.reduced_vars()
         op = {None: "=", "sum": "+=", "max": "max=", "min": "min="}[node.reduce]
         over = f"   (over {', '.join(loop_vars[v] for v in red)})" if red and node.reduce else ""
-        body = str(node.expr.xreplace(subs))
+        operands = {o.symbol: self.indexed(self.buffers[o.node.id], o.index, var_syms) for o in node.operands}
+        body = str(node.expr.xreplace(operands))
         if len(body) > 100:
             body = body[:97] + "..."
         where = ""
@@ -385,19 +534,7 @@ class FunctionLowering:
         size = self.index(ir.num_elements(node.shape))
         var = sp.Symbol(e, integer=True)
         math = NestMath(sp.IndexedBase(name)[var], None, [], sp.IndexedBase(src)[var], [], sp.IndexedBase(src)[var], sorted(node.sources))
-        return Nest([f"{name} = {src} (output copy)"], None, [(e, size)], None, [], [f"{name}[{e}] = {src}[{e}];"], None, math)
-
-
-def _expand_small_powers(expr: sp.Expr) -> sp.Expr:
-    """Write ``f(x)**2`` as ``f(x)*f(x)`` so that CSE sees ``f(x)`` twice and computes it once.
-
-    The printer prints small integer powers as products anyway; without this the call
-    would be emitted twice, and a C compiler may not merge libm calls (errno).
-    """
-    return expr.replace(
-        lambda e: e.is_Pow and e.exp.is_Integer and 2 <= abs(int(e.exp)) <= 4 and not e.base.is_Atom,
-        lambda e: sp.Mul(*[e.base] * abs(int(e.exp)), evaluate=False) ** (1 if e.exp > 0 else -1),
-    )
+        return Nest([f"{name} = {src} (output copy)"], [], [(e, size)], 0, [], [f"{name}[{e}] = {src}[{e}];"], [], [], 0, None, [math])
 
 
 def repr_affine(a: ir.Affine, loop_vars) -> str:
@@ -407,25 +544,42 @@ def repr_affine(a: ir.Affine, loop_vars) -> str:
     return s if a.offset == 0 else f"{s} + {a.offset}"
 
 
-def render(specs: Sequence[KernelSpec], module: str) -> Rendered:
-    """The ``.c``, the ``.h`` and cffi's declarations for the kernels of one module."""
+def render(specs: Sequence[KernelSpec], module: str, *, prefix: str = "") -> Rendered:
+    """The ``.c``, the ``.h`` and cffi's declarations for the kernels of one module.
+
+    ``prefix`` is the one the specs' names were given (see :func:`gradc.compiler.lower`);
+    the header guard takes it too, so one module compiled with two prefixes links together.
+    """
     kernels = []
     functions = {}
     for spec in specs:
         fns = [FunctionLowering(spec, e).lower() for e in spec.entries]
         functions[spec.name] = fns
         ctype = "float" if spec.dtype == "f32" else "double"
+        requires = list(dict.fromkeys(IndexPrinter().doprint(cond) for cond, _msg in spec.constraints))
         kernels.append(
             {
                 "spec": spec,
                 "functions": fns,
                 "ctype": ctype,
                 "dims_params": ", ".join(f"ptrdiff_t {d}" for d in spec.dims) or "void",
-                "dims_args": spec.dims,
+                "invalid": [f"{d} < 0" for d in spec.dims] + [f"!({c})" for c in requires],
+                "requires": requires,
                 "source": [l.replace("*/", "* /") for l in spec.source.rstrip().splitlines()],
             }
         )
-    ctx = {"module": module, "version": __version__, "kernels": kernels, "guard": re.sub(r"\W", "_", module).upper() + "_H"}
+    guard = re.sub(r"\W", "_", prefix + module).upper() + "_H"
+    uses_workspace = any(f.workspace_terms for fns in functions.values() for f in fns)
+    used = set().union(*(f.helpers for fns in functions.values() for f in fns))
+    helpers = [h.removeprefix("gradc_") for h in VECTOR_MATH_ORDER if h in used]
+    ctx = {
+        "module": module,
+        "version": __version__,
+        "kernels": kernels,
+        "guard": guard,
+        "uses_workspace": uses_workspace,
+        "helpers": helpers,
+    }
     c_source = template("kernel.c.j2").render(**ctx)
     header = template("kernel.h.j2").render(**ctx)
     cdef = "\n".join(

@@ -11,15 +11,57 @@ from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
 
-class GradcCPrinter(C99CodePrinter):
-    """C99 printer for one precision.  Every helper it calls is in ``<math.h>``."""
+#: float32 functions with a vectorisable implementation in templates/vecmath.c.j2
+VECTOR_MATH = {"exp": "gradc_expf", "log": "gradc_logf", "log1p": "gradc_log1pf", "tanh": "gradc_tanhf"}
+#: what each helper calls in turn, all the way down
+VECTOR_MATH_NEEDS = {
+    "gradc_expf": ("gradc_float_of",),
+    "gradc_logf": ("gradc_bits_of", "gradc_float_of"),
+    "gradc_log1pf": ("gradc_logf", "gradc_bits_of", "gradc_float_of"),
+    "gradc_tanhf": ("gradc_expf", "gradc_float_of"),
+}
+#: every helper, each after the ones it calls
+VECTOR_MATH_ORDER = ("gradc_bits_of", "gradc_float_of", "gradc_expf", "gradc_logf", "gradc_log1pf", "gradc_tanhf")
 
-    def __init__(self, dtype: str):
+
+class GradcCPrinter(C99CodePrinter):
+    """C99 printer for one precision.
+
+    Every function it calls is in ``<math.h>``, or, in float32 with ``vector_math``, one of
+    the helpers of templates/vecmath.c.j2, which it records in ``helpers``.
+    """
+
+    def __init__(self, dtype: str, vector_math: bool = True):
         # No math_macros: M_LN2, M_SQRT2, ... are POSIX, not C99 (log(2) would print as M_LN2).
         super().__init__(settings={"type_aliases": {real: float32 if dtype == "f32" else float64}, "math_macros": {}})
         self.dtype = dtype
         self.ctype = "float" if dtype == "f32" else "double"
         self.suffix = "f" if dtype == "f32" else ""
+        self.vector_math = vector_math and dtype == "f32"
+        self.helpers: set[str] = set()
+
+    def _call(self, name: str, arg) -> str:
+        """``name(arg)`` in this precision, through a vectorisable helper where there is one."""
+        helper = VECTOR_MATH.get(name) if self.vector_math and not arg.is_number else None
+        if helper is None:
+            return f"{self.fn(name)}({self._print(arg)})"
+        self.helpers.add(helper)
+        self.helpers.update(VECTOR_MATH_NEEDS.get(helper, ()))
+        return f"{helper}({self._print(arg)})"
+
+    def _print_exp(self, expr):
+        return self._call("exp", expr.args[0])
+
+    def _print_log(self, expr):
+        if len(expr.args) > 1:
+            return super()._print_log(expr)
+        return self._call("log", expr.args[0])
+
+    def _print_log1p(self, expr):
+        return self._call("log1p", expr.args[0])
+
+    def _print_tanh(self, expr):
+        return self._call("tanh", expr.args[0])
 
     def fn(self, name: str) -> str:
         return name + self.suffix
@@ -54,7 +96,7 @@ class GradcCPrinter(C99CodePrinter):
         if e == -sp.Rational(1, 2):
             return f"({self.lit(1)}/{self.fn('sqrt')}({self._print(base)}))"
         if base == sp.E:
-            return f"{self.fn('exp')}({self._print(e)})"
+            return self._call("exp", e)
         return f"{self.fn('pow')}({self._print(base)}, {self._print(e)})"
 
     # -- gradc's scalar functions (Sigmoid and Softplus are lowered before CSE: scalar.lower_for_c)
@@ -96,7 +138,7 @@ class GradcCPrinter(C99CodePrinter):
             return self._print(expr.args[0])
         a = self._print(expr.args[0])
         b = self._print(expr.func(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1])
-        return f"(({a} {cmp} {b} || {a} != {a}) ? {a} : {b})"
+        return f"((({a} {cmp} {b}) | ({a} != {a})) ? {a} : {b})"
 
     def _print_Max(self, expr):
         return self._nan_select(expr, ">")
@@ -125,10 +167,11 @@ class GradcCPrinter(C99CodePrinter):
         return "0"
 
     def _print_And(self, expr):
-        return "(" + " && ".join(self._print(a) for a in expr.args) + ")"
+        # Bitwise on 0/1 values: no short circuit, so no branch to stop vectorisation.
+        return "(" + " & ".join(f"({self._print(a)})" for a in expr.args) + ")"
 
     def _print_Or(self, expr):
-        return "(" + " || ".join(self._print(a) for a in expr.args) + ")"
+        return "(" + " | ".join(f"({self._print(a)})" for a in expr.args) + ")"
 
     def _print_Not(self, expr):
         return f"(!{self._print(expr.args[0])})"

@@ -7,7 +7,9 @@ rewriting so that their stable C forms (see :mod:`gradc.codegen`) survive to the
 from __future__ import annotations
 
 import sympy as sp
-from sympy.codegen.cfunctions import expm1, log1p
+from mpmath.libmp import prec_to_dps
+from sympy.codegen import cfunctions
+from sympy.codegen.cfunctions import log1p
 
 __all__ = [
     "Sigmoid",
@@ -25,16 +27,26 @@ __all__ = [
 ]
 
 
+class expm1(cfunctions.expm1):
+    """exp(x) - 1 that stays whole.  SymPy's expm1 turns into exp(x) - 1 wherever exp can
+    simplify its argument (expm1(x - 0.25) became 0.7788*exp(x) - 1), which cancels for
+    x near 0.25: the very error expm1 is there to avoid.  The name stays ``expm1`` for the printers."""
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_Number:
+            return super().eval(arg)
+        return None
+
+
 class Sigmoid(sp.Function):
     """1 / (1 + exp(-x)); emitted with e = exp(-|x|) as 1/(1 + e) or e/(1 + e), accurate for both signs."""
 
     is_real = True
 
-    @classmethod
-    def eval(cls, x):
-        if x.is_Number:
-            return 1 / (1 + sp.exp(-x))
-        return None
+    def _eval_evalf(self, prec):
+        # Lets SymPy decide relations such as sigmoid(3/2) >= 0 (a constant argument).
+        return self.c_form(self.args[0]).evalf(prec_to_dps(prec))
 
     def fdiff(self, argindex=1):
         # sigmoid(x) * sigmoid(-x), not s * (1 - s): no cancellation to 0 where s rounds to 1.
@@ -51,11 +63,9 @@ class Softplus(sp.Function):
 
     is_real = True
 
-    @classmethod
-    def eval(cls, x):
-        if x.is_Number:
-            return sp.log(1 + sp.exp(x))
-        return None
+    def _eval_evalf(self, prec):
+        # Lets SymPy decide relations such as sigmoid(3/2) >= 0 (a constant argument).
+        return self.c_form(self.args[0]).evalf(prec_to_dps(prec))
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0])
@@ -73,6 +83,12 @@ class Tanh(sp.Function):
     """
 
     is_real = True
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return sp.tanh(x)
+        return None
 
     def fdiff(self, argindex=1):
         x = self.args[0]

@@ -59,21 +59,30 @@ def _equation(m: codegen.NestMath, rhs: sp.Expr) -> sp.Expr:
     return sp.Eq(m.target, rhs, evaluate=False)
 
 
+def ops_before_cse(nest: codegen.Nest) -> int:
+    return int(sum(sp.count_ops(m.expr) for m in nest.math))
+
+
+def ops_after_cse(nest: codegen.Nest) -> int:
+    temps = nest.math[0].temps if nest.math else []
+    return int(sum(sp.count_ops(e) for _, e in temps) + sum(sp.count_ops(m.value) for m in nest.math))
+
+
 def math(c: Compiled, *, latex: bool = False) -> str:
     """The forward expression and every gradient, one fused loop nest at a time, before and after CSE."""
     fn = _entry_for_people(c.functions)
     show = sp.latex if latex else lambda e: sp.pretty(e, use_unicode=True)
-    parts = [f"{fn.name}: {len(fn.nests)} fused loop nest(s)"]
+    parts = [f"{fn.name}: {len(fn.nests)} loop nest(s)"]
     for i, nest in enumerate(fn.nests, 1):
-        m = nest.math
-        where = _where(m.sources)
-        parts.append(f"\n── nest {i}: {m.target}{'   [' + where + ']' if where else ''}")
-        parts.append(show(_equation(m, m.expr)))
-        if m.temps:
-            parts.append(f"after common-subexpression elimination ({m.ops_before_cse} -> {m.ops_after_cse} operations):")
-            for sym, e in m.temps:
-                parts.append(show(sp.Eq(sym, e, evaluate=False)))
-            parts.append(show(_equation(m, m.value)))
+        targets = ", ".join(str(m.target) for m in nest.math)
+        where = _where(sorted({s for m in nest.math for s in m.sources}))
+        parts.append(f"\n── nest {i}: {targets}{'   [' + where + ']' if where else ''}")
+        parts.extend(show(_equation(m, m.expr)) for m in nest.math)
+        temps = nest.math[0].temps
+        if temps:
+            parts.append(f"after common-subexpression elimination ({ops_before_cse(nest)} -> {ops_after_cse(nest)} operations):")
+            parts.extend(show(sp.Eq(sym, e, evaluate=False)) for sym, e in temps)
+            parts.extend(show(_equation(m, m.value)) for m in nest.math)
     return "\n".join(parts) + "\n"
 
 
@@ -95,7 +104,8 @@ def workspace_formula(fn: codegen.Function, ctype_bytes: int) -> str:
     elements = sp.factor(fn.workspace_elements)
     if elements == 0:
         return "none"
-    return f"{sp.factor(elements * ctype_bytes)} bytes (+ padding, {len(fn.workspace_terms)} buffers)"
+    n = len(fn.workspace_terms)
+    return f"{sp.factor(elements * ctype_bytes)} bytes (+ padding, {n} buffer{'' if n == 1 else 's'})"
 
 
 def stats(c: Compiled) -> str:
@@ -111,8 +121,8 @@ def stats(c: Compiled) -> str:
         lines.append(f"operations in the naive derivative (per op, unfused, as a tape records it): {naive_ops(c.lowered)}")
     rows = [("function", "loop nests", "ops before CSE", "ops emitted", "workspace")]
     for fn in c.functions:
-        before = sum(n.math.ops_before_cse for n in fn.nests)
-        after = sum(n.math.ops_after_cse for n in fn.nests)
+        before = sum(ops_before_cse(n) for n in fn.nests)
+        after = sum(ops_after_cse(n) for n in fn.nests)
         rows.append((fn.name, str(len(fn.nests)), str(before), str(after), workspace_formula(fn, size)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -144,21 +154,26 @@ def graph(c: Compiled) -> str:
     """The traced graph and its gradient graph as Graphviz DOT.
 
     Forward nodes are boxes, backward (gradient) nodes are filled ellipses, and the nodes
-    that fusion merges into one loop nest are drawn inside one cluster.
+    that fusion merges into one loop nest are drawn inside one cluster.  The forward graph
+    is fused on its own, before differentiation, as the compiler fuses it.  Nodes are
+    numbered by their place in the drawing, not by their ids, so that the DOT of a kernel
+    does not depend on what was traced before it.
     """
     lowered = c.lowered
     g = lowered.traced.graph
     wrt = [i for i in g.inputs if i.param in lowered.meta["wrt"]]
     seeds = [ir.constant(1, o.shape) for o in g.outputs]
     grads = autodiff.vjp(g.outputs, seeds, wrt) if wrt else []
-    forward = {n.id for n in ir.topo_order(g.outputs)}
+    forward_nodes = ir.topo_order(g.outputs)
+    forward = {n.id for n in forward_nodes}
     nodes = ir.topo_order(list(g.outputs) + grads)
-    shown = {n.id for n in nodes}
+    number = {n.id: i for i, n in enumerate(nodes)}
+    fused = ir.topo_order(rewrite.fuse(g.outputs)) + ir.topo_order(rewrite.fuse(grads, fixed=forward_nodes) if grads else [])
     clusters: list[list[int]] = []
     placed: set[int] = set()
-    for fused in ir.topo_order(rewrite.fuse(list(g.outputs) + grads)):
-        members = [m for m in sorted(fused.members) if m in shown and m not in placed]
-        if len(members) >= 2 and isinstance(fused, ir.Map):
+    for f in fused:
+        members = sorted((m for m in f.members if m in number and m not in placed), key=number.get)
+        if len(members) >= 2 and isinstance(f, ir.Map):
             clusters.append(members)
             placed.update(members)
     out = [f"digraph {_quote(lowered.meta['kernel'])} {{", "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];']
@@ -171,23 +186,23 @@ def graph(c: Compiled) -> str:
             style = "shape=box"
         else:
             style = 'shape=ellipse, style=filled, fillcolor="#fde8e8"'
-        return f"n{n.id} [label={_quote(_label(n))}, {style}];"
+        return f"n{number[n.id]} [label={_quote(_label(n))}, {style}];"
 
     for i, members in enumerate(clusters):
         out.append(f"  subgraph cluster_{i} {{")
-        out.append(f'    label="fused loop nest {i + 1}"; style=dashed; color="#888888"; fontsize=9;')
+        out.append('    label="one loop nest"; style=dashed; color="#888888"; fontsize=9;')
         out.extend(f"    {node_line(by_id[m])}" for m in members)
         out.append("  }")
     out.extend(f"  {node_line(n)}" for n in nodes if n.id not in placed)
     for n in nodes:
         for a in dict.fromkeys(n.args):
-            out.append(f"  n{a.id} -> n{n.id};")
+            out.append(f"  n{number[a.id]} -> n{number[n.id]};")
     for name, o in zip(g.output_names, g.outputs):
         out.append(f"  out_{name} [label={_quote(name)}, shape=plaintext];")
-        out.append(f"  n{o.id} -> out_{name};")
+        out.append(f"  n{number[o.id]} -> out_{name};")
     for w, d in zip(wrt, grads):
         out.append(f"  grad_{w.param} [label={_quote('d_' + w.param)}, shape=plaintext];")
-        out.append(f"  n{d.id} -> grad_{w.param};")
+        out.append(f"  n{number[d.id]} -> grad_{w.param};")
     out.append("}")
     return "\n".join(out) + "\n"
 

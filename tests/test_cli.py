@@ -185,7 +185,11 @@ def import_package(monkeypatch):
     imported = []
 
     def do(folder: Path, name: str):
+        # Another test may have imported a module of the same name (examples use "model").
+        for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            monkeypatch.delitem(sys.modules, mod)
         monkeypatch.syspath_prepend(str(folder))
+        importlib.invalidate_caches()
         imported.append(name)
         return importlib.import_module(name)
 

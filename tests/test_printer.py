@@ -4,7 +4,7 @@ Code generation hands the printer a body after two small SymPy passes (functions
 stable C form are expanded by ``scalar.lower_for_c``, small powers become products so
 that CSE shares their bases); ``emitted`` below applies them as codegen does, and the
 power tests check the printer both with and without them.  Besides string checks, printed expressions are evaluated by a small interpreter of the C
-expression subset the printer emits (literals, `+ - * /`, comparisons, `&& || !`, `?:`,
+expression subset the printer emits (literals, `+ - * /`, comparisons, `&& || ! & |`, `?:`,
 calls into <math.h>), with C's int/float rules.  That checks what a printed expression
 *means*, so a precedence slip such as ``t/(a+1)*(a+1)`` for ``t/(a+1)**2`` is caught
 whatever the exact spelling.
@@ -19,21 +19,24 @@ import sympy as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradc.codegen import _expand_small_powers
 from gradc.printer import GradcCPrinter
 from gradc.scalar import Relu, Sigmoid, Softplus, Step, StopGradient, expm1, log1p, lower_for_c
 
 x, y, t0 = sp.symbols("x y t0", real=True)
 N = sp.Symbol("N", integer=True, nonnegative=True)  # a named dimension: ptrdiff_t in C
-P32, P64 = GradcCPrinter("f32"), GradcCPrinter("f64")
+# The libm-calling printer: this module's C evaluator knows libm, not the vectorisable
+# helpers of templates/vecmath.c.j2 (tested in test_vecmath.py and below).
+P32, P64 = GradcCPrinter("f32", vector_math=False), GradcCPrinter("f64")
 
 
 # ----------------------------------------------------------------------------- a tiny C evaluator
 TOKEN = re.compile(
     r"\s*(?:(?P<float>(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?[fF]?|\d+[eE][+-]?\d+[fF]?)"
-    r"|(?P<int>\d+)|(?P<name>[A-Za-z_]\w*)|(?P<op>&&|\|\||[<>=!]=|[-+*/()?:,<>!]))"
+    r"|(?P<int>\d+)|(?P<name>[A-Za-z_]\w*)|(?P<op>&&|\|\||[<>=!]=|[-+*/()?:,<>!|&]))"
 )
-BINARY = {"||": 1, "&&": 2, "==": 3, "!=": 3, "<": 4, "<=": 4, ">": 4, ">=": 4, "+": 5, "-": 5, "*": 6, "/": 6}
+BINARY = {
+    "||": 1, "&&": 2, "|": 3, "&": 4, "==": 5, "!=": 5, "<": 6, "<=": 6, ">": 6, ">=": 6, "+": 7, "-": 7, "*": 8, "/": 8,
+}  # fmt: skip
 
 
 def _math(ftype):
@@ -167,6 +170,9 @@ class CExpr:
             return int(bool(self.eval(node[1], env)) and bool(self.eval(node[2], env)))
         if op == "||":
             return int(bool(self.eval(node[1], env)) or bool(self.eval(node[2], env)))
+        if op in ("|", "&"):  # on the 0/1 results of comparisons
+            a, b = int(self.eval(node[1], env)), int(self.eval(node[2], env))
+            return a | b if op == "|" else a & b
         a, b = self.num(self.eval(node[1], env), self.eval(node[2], env))
         if op == "/" and isinstance(a, int):
             return int(a / b)  # C truncates toward zero
@@ -183,7 +189,7 @@ def printed(expr, dtype: str) -> str:
 
 def emitted(expr, dtype: str) -> str:
     """The C for ``expr`` as code generation prints a loop body."""
-    return printed(_expand_small_powers(lower_for_c(expr)), dtype)
+    return printed(lower_for_c(expr), dtype)
 
 
 def c_value(expr, dtype="f64", via=emitted, **env):
@@ -434,3 +440,22 @@ def test_printed_code_needs_only_c99_math():
             assert "M_PI" not in code and "M_E" not in code, code
             # the evaluator knows only <math.h> functions of the printer's precision
             assert np.isfinite(CExpr(code, dtype)(x=0.5, y=-0.5)), code
+
+
+@pytest.mark.parametrize(
+    "fn, helper, needs",
+    [
+        (sp.exp, "gradc_expf", {"gradc_expf", "gradc_float_of"}),
+        (sp.log, "gradc_logf", {"gradc_logf", "gradc_bits_of", "gradc_float_of"}),
+        (log1p, "gradc_log1pf", {"gradc_log1pf", "gradc_logf", "gradc_bits_of", "gradc_float_of"}),
+        (sp.tanh, "gradc_tanhf", {"gradc_tanhf", "gradc_expf", "gradc_float_of"}),
+    ],
+)
+def test_float32_uses_vectorisable_helpers_and_records_them(fn, helper, needs):
+    printer = GradcCPrinter("f32")
+    assert printer.doprint(fn(x)) == f"{helper}(x)"
+    assert printer.helpers == needs
+    # Constants stay libm calls (the C compiler folds them), and float64 never uses helpers.
+    assert not GradcCPrinter("f32").doprint(fn(sp.Rational(1, 2))).startswith("gradc_")
+    p64 = GradcCPrinter("f64")
+    assert not p64.doprint(fn(x)).startswith("gradc_") and not p64.helpers

@@ -1,0 +1,187 @@
+"""Loop schedules: the order of each loop nest, which loop is vectorised, which nests share a pass.
+
+A :class:`~gradc.ir.Map` fixes *what* is computed over its loop box; this module decides
+*how* the C runs it, so that ``-O3 -march=native`` can vectorise the innermost loop while
+the results stay IEEE and reproducible (no ``-ffast-math``):
+
+* ``map``: no reduction; loops in output order, the last (unit-stride) innermost.
+* ``reduce``: each output element owns an accumulator; its reduction loops run inside
+  its output loops.  When every operand is unit-stride (or invariant) in the innermost
+  reduction loop, that loop runs in fixed *lanes*: ``LANES`` independent partial sums
+  over blocks of ``BLOCK`` elements, added to a double (or the kernel's precision for
+  max/min) accumulator after each block.  Lanes vectorise without reassociating anything
+  at run time, and the blocked float32 sums stay accurate to about 1e-7 at any size.
+* ``tile``: a contraction whose innermost output axis is unit-stride (a matrix product,
+  and the weight gradient of one): the output is computed in register tiles of
+  ``TILE_ROWS`` × ``TILE_COLS`` accumulators, the reduction loop inside, so each loaded
+  operand feeds several multiply-adds.  Sums are blocked like lanes: each block of
+  ``BLOCK`` reduction steps is added into a double tile.  The edges fall back to one
+  accumulator per element.
+* ``accumulate``: the output is filled with the reduction's identity, then updated in
+  place with a unit-stride *output* loop innermost (scatters such as the adjoint of a
+  broadcast or a slice).
+
+Nests of the same loop box — elementwise nodes and reductions over the whole box —
+run as one pass (a *group*): the value of a loss and its elementwise gradient are
+computed from one read of their inputs, with one CSE over all their bodies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import sympy as sp
+
+from . import ir
+
+#: Independent partial results in a vectorised reduction (one 512-bit vector of float).
+LANES = 16
+#: Elements per lane block; each block's float32 partial sum goes into a double.
+BLOCK = 256
+#: Register tile of a contraction: rows of the second-innermost output axis × columns of the
+#: innermost (two 512-bit vectors of float), small enough to stay in registers.
+TILE_ROWS = 4
+TILE_COLS = 32
+#: Extents assumed for named dimensions when comparing loop orders (only the ratios matter).
+TYPICAL_EXTENT = 1000
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str  # "map" | "reduce" | "tile" | "accumulate"
+    order: tuple[int, ...]  # loop variables, outermost first; the last is innermost
+    acc_depth: int  # "reduce": accumulators live inside this many (output) loops
+    lanes: bool  # the innermost loop runs in lanes (it is a reduction loop)
+    tile: tuple[int | None, int] | None = None  # "tile": (row variable or None, column variable)
+
+
+def _coefficient(shape: Sequence[ir.Extent], index: ir.IndexMap, var: int) -> sp.Expr:
+    """How far the linear offset of ``index`` moves when loop variable ``var`` grows by one."""
+    stride, total = sp.Integer(1), sp.Integer(0)
+    for extent, a in reversed(list(zip(shape, index))):
+        if a.var == var:
+            total += a.stride * stride
+        stride = stride * extent
+    return sp.expand(total)
+
+
+def _contiguous(node: ir.Map, var: int, with_output: bool) -> bool:
+    """Every operand (and the output) is unit-stride or invariant along ``var``."""
+    accesses = [(op.node.shape, op.index) for op in node.operands]
+    if with_output:
+        accesses.append((node.shape, node.out_index))
+    return all(_coefficient(shape, index, var) in (0, 1) for shape, index in accesses)
+
+
+def _footprint(node: ir.Map, loops: Sequence[int]) -> sp.Expr:
+    """Elements the loops ``loops`` touch: what must stay in cache while they run."""
+    total = sp.Integer(0)
+    for shape, index in [(op.node.shape, op.index) for op in node.operands] + [(node.shape, node.out_index)]:
+        size = sp.Integer(1)
+        for v in {a.var for a in index if a.var is not None} & set(loops):
+            size *= node.loop[v]
+        total += size
+    return total
+
+
+def _order_outer(node: ir.Map, outer: list[int], inner: Sequence[int]) -> list[int]:
+    """Outer loops ordered so that what the inner loops touch stays smallest (then output order)."""
+    dims = {s: TYPICAL_EXTENT for e in node.loop for s in sp.sympify(e).free_symbols}
+    out_vars = node.out_vars()
+    order: list[int] = []
+    left = list(outer)
+    while left:
+        def cost(v):
+            rest = [u for u in left if u != v] + list(inner)
+            return (float(_footprint(node, rest).xreplace(dims)), v not in out_vars, left.index(v))
+
+        best = min(left, key=cost)
+        order.append(best)
+        left.remove(best)
+    return order
+
+
+def schedule(node: ir.Map) -> Schedule:
+    n = len(node.loop)
+    if n == 0:
+        if node.reduce is None:
+            return Schedule("map", (), 0, False)
+        return Schedule("reduce" if node.is_gather_form() else "accumulate", (), 0, False)
+    out_vars, red_vars = node.out_vars(), node.reduced_vars()
+    if node.reduce is None:
+        return Schedule("map", tuple(range(n)), 0, False)
+    if node.is_gather_form():
+        if red_vars and _contiguous(node, red_vars[-1], with_output=False):
+            return Schedule("reduce", tuple(out_vars + red_vars), len(out_vars), True)
+        for o in reversed(out_vars):
+            if _contiguous(node, o, with_output=True) and _coefficient(node.shape, node.out_index, o) == 1:
+                others = [v for v in out_vars if v != o]
+                row = others[-1] if others else None
+                outer = [v for v in others if v != row]
+                order = outer + ([row] if row is not None else []) + [o] + red_vars
+                return Schedule("tile", tuple(order), len(outer), False, (row, o))
+        return Schedule("reduce", tuple(out_vars + red_vars), len(out_vars), False)
+    for o in reversed(out_vars):
+        if _contiguous(node, o, with_output=True):
+            rest = [v for v in range(n) if v != o]
+            return Schedule("accumulate", tuple(_order_outer(node, rest, [o]) + [o]), 0, False)
+    return Schedule("accumulate", tuple(range(n)), 0, False)
+
+
+def _whole_box_reduction(node: ir.Map, s: Schedule) -> bool:
+    return s.kind == "reduce" and s.acc_depth == 0 and node.rank == 0
+
+
+def _joinable(node: ir.Map, s: Schedule) -> bool:
+    return s.kind == "map" or _whole_box_reduction(node, s)
+
+
+def _root(node: ir.Node) -> ir.Node:
+    while isinstance(node, ir.Reshape):
+        node = node.arg
+    return node
+
+
+def groups(nodes: Sequence[ir.Node]) -> list[list[ir.Node]]:
+    """Maps that run as one pass, in order, with each Reshape as an item of its own.
+
+    A group's members share the loop box and read nothing another member writes (not
+    even through a Reshape).  Inputs need no code and are left out; a Reshape of a value
+    computed before the open group is placed before it, so it does not end the group.
+    """
+    out: list[list[ir.Node]] = []
+    open_at = None  # index in ``out`` of the group new Maps may join
+    for node in nodes:
+        if isinstance(node, ir.Input):
+            continue
+        if isinstance(node, ir.Reshape):
+            if open_at is not None and _root(node) not in out[open_at]:
+                out.insert(open_at, [node])
+                open_at += 1
+            else:
+                out.append([node])
+                open_at = None
+            continue
+        if isinstance(node, ir.Map) and open_at is not None:
+            group = out[open_at]
+            head = group[0]
+            if (
+                _joinable(head, schedule(head))
+                and _joinable(node, schedule(node))
+                and len(head.loop) == len(node.loop) > 0
+                and all(ir.same_extent(a, b) for a, b in zip(head.loop, node.loop))
+                and not any(_root(op.node) in group for op in node.operands)
+            ):
+                group.append(node)
+                continue
+        out.append([node])
+        open_at = len(out) - 1 if isinstance(node, ir.Map) else None
+    return out
+
+
+def group_lanes(group: Sequence[ir.Map]) -> bool:
+    """The group's innermost loop can run in lanes: it reduces, and nothing strides along it."""
+    inner = len(group[0].loop) - 1
+    reduces = any(m.reduce is not None for m in group)
+    return reduces and all(_contiguous(m, inner, with_output=m.reduce is None) for m in group)
