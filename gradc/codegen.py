@@ -136,6 +136,7 @@ class Nest:
     lane: Lane | None
     math: list[NestMath]
     tile: Tile | None = None
+    silent: tuple[str, ...] = ()  # loop variables the body never reads: (void) them for -Wunused
 
 
 @dataclass
@@ -446,6 +447,7 @@ class FunctionLowering:
             lane=lane,
             math=math,
             tile=tile,
+            silent=tuple(v for v in loop_vars if not re.search(rf"\b{v}\b", "\n".join(body))),
         )
 
     def tile(self, node: ir.Map, plan, loop_vars: list[str], local: Names, term: str) -> Tile:

@@ -117,7 +117,7 @@ def lower(
 
     def entry(suffix: str, inputs: list[ir.Input], names: list[str], nodes: list[ir.Node], what: str) -> codegen.Entry:
         progress(f"fusing {cname}_{suffix}")
-        final = rewrite.prune(rewrite.fuse(nodes))
+        final = rewrite.fuse(rewrite.hoist(rewrite.prune(rewrite.fuse(nodes))))
         extra = [i for i in inputs if i not in params]
         doc = (
             f"{cname}_{suffix}: {what}.\n"
@@ -140,8 +140,8 @@ def lower(
         cotangents = [ir.Input(f"ct_{n}", o.shape) for n, o in zip(out_names, graph.outputs)]
         grads = autodiff.vjp(outs, cotangents, wrt_nodes)
         what = (
-            f"{', '.join(out_names)} = {call} and the vector-Jacobian products\n"
-            f"d_w = sum over outputs of ct_out * dout/dw for w in {', '.join(wrt_names)}"
+            f"{', '.join(out_names)} = {call} and the vector-Jacobian products {', '.join(grad_names)}:\n"
+            f"d_w = sum over every element e of every output o of ct_o[e] * do[e]/dw, for w in {', '.join(wrt_names)}"
         )
         entries.append(entry("vjp", params + cotangents, out_names + grad_names, outs + grads, what))
         tangents = [ir.Input(f"t_{w.param}", w.shape) for w in wrt_nodes]
@@ -170,7 +170,7 @@ def lower(
     )
     meta = {
         "name": spec.name,
-        "kernel": k.name,
+        "kernel": name or k.name,
         "dtype": dtype,
         "dims": traced.dims,
         "params": [{"name": p.name, "dtype": p.type.dtype, "dims": list(p.type.dims)} for p in traced.params],
@@ -212,11 +212,13 @@ def _work(nodes: Sequence[ir.Node]) -> tuple[int, int]:
     return len(maps), sum(sp.count_ops(m.expr) for m in maps)
 
 
-def compile_many(lowered: Sequence[Lowered], module: str, *, cflags: Sequence[str] | None = None, progress: Progress = _quiet):
+def compile_many(
+    lowered: Sequence[Lowered], module: str, *, cflags: Sequence[str] | None = None, progress: Progress = _quiet, prefix: str = ""
+):
     from . import build
 
     progress("generating C (common subexpressions)")
-    rendered = codegen.render([l.spec for l in lowered], module)
+    rendered = codegen.render([l.spec for l in lowered], module, prefix=prefix)
     progress("building with the C compiler (or loading from the cache)")
     built = build.build_module(rendered.translation_unit(), rendered.cdef, name=module, cflags=list(cflags) if cflags else None)
     return rendered, built

@@ -141,3 +141,65 @@ def prune(outputs: Sequence[ir.Node]) -> list[ir.Node]:
             )
             new[node.id] = rebuilt.inherit(node)
     return [new[o.id] for o in outputs]
+
+
+def hoist(outputs: Sequence[ir.Node]) -> list[ir.Node]:
+    """Compute once what does not vary along an axis, instead of once per index of that axis.
+
+    A Map none of whose operands reads output loop variable ``v`` has the same value at
+    every index of ``v``: it is rebuilt with that axis of extent 1, and its readers read
+    index 0 of it.  This cascades: the gradient penalty's inner gradient (the same row for
+    every input row) and the norms computed from it shrink from B rows to one.  Outputs
+    and reshapes see the full shape again through a broadcast.
+    """
+    new: dict[int, ir.Node] = {}
+    for node in ir.topo_order(outputs):
+        if isinstance(node, ir.Map):
+            new[node.id] = _hoist_node(node, new)
+        else:
+            new[node.id] = node.with_args([_expanded(new[a.id], a) for a in node.args])
+    return [_expanded(new[o.id], o) for o in outputs]
+
+
+def _collapsed(rebuilt: ir.Node, original: ir.Node) -> list[int]:
+    return [a for a, (r, o) in enumerate(zip(rebuilt.shape, original.shape)) if r == 1 and o != 1]
+
+
+def _expanded(rebuilt: ir.Node, original: ir.Node) -> ir.Node:
+    """``rebuilt`` broadcast back to ``original``'s shape where hoisting collapsed an axis."""
+    axes = _collapsed(rebuilt, original)
+    if not axes:
+        return rebuilt
+    index = tuple(ir.Affine(None) if a in axes else ir.Affine(a) for a in range(original.rank))
+    return ir.elementwise(original.shape, [(rebuilt, index)], lambda v: v, dtype=original.dtype, loc=original.loc).inherit(original)
+
+
+def _hoist_node(node: ir.Map, new: dict[int, ir.Node]) -> ir.Map:
+    operands = []
+    for op in node.operands:
+        producer = new[op.node.id]
+        axes = _collapsed(producer, op.node)
+        operands.append((producer, tuple(ir.Affine(None) if a in axes else i for a, i in enumerate(op.index))))
+    used = {i.var for _, index in operands for i in index if i.var is not None}
+    hoistable = node.reduce is None and node.is_elementwise or node.reduce is not None and node.is_gather_form()
+    free = [v for v in node.out_vars() if v not in used and not node.loop[v] == 1] if hoistable else []
+    # A reduction over an axis nothing reads is its identity for max/min, and extent × term for sum.
+    idle = [v for v in node.reduced_vars() if v not in used and not node.loop[v] == 1] if hoistable else []
+    if not free and not idle and all(p is o.node and idx == o.index for (p, idx), o in zip(operands, node.operands)):
+        return node
+    loop = [sp.Integer(1) if v in free or v in idle else e for v, e in enumerate(node.loop)]
+    shape = [sp.Integer(1) if a.var in free else e for a, e in zip(node.out_index, node.shape)]
+    scale = sp.Mul(*(node.loop[v] for v in idle)) if node.reduce == "sum" else sp.Integer(1)
+    olds = [o.symbol for o in node.operands]
+    rebuilt = ir.Map(
+        shape,
+        loop,
+        node.out_index,
+        operands,
+        lambda *s: scale * node.expr.xreplace(dict(zip(olds, s))),
+        reduce=node.reduce,
+        dtype=node.dtype,
+        name=node.name,
+        loc=node.loc,
+    )
+    return rebuilt.inherit(node)
