@@ -66,7 +66,7 @@ def _compare(what: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: fl
 def check_grad(
     fn,
     *arrays,
-    wrt: Sequence[str] | None = None,
+    wrt: str | Sequence[str] | None = None,
     dtype: str = "f64",
     second: bool = False,
     eps: float = 1e-6,
@@ -86,7 +86,8 @@ def check_grad(
     default_rtol, default_atol = TOLERANCES[dtype]
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
-    under_test = compile_kernel(k, wrt=list(wrt) if wrt is not None else None, dtype=dtype)
+    # A string ("x" or "x,w") goes through as it is: compile splits it, where list() would split letters.
+    under_test = compile_kernel(k, wrt=wrt if wrt is None or isinstance(wrt, str) else list(wrt), dtype=dtype)
     reference = compile_kernel(k, wrt=list(under_test.wrt), dtype="f64")
     rng = np.random.default_rng(seed)
     args = [np.array(a, dtype=np.float64) for a in arrays]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -105,11 +106,11 @@ class Progress:
         click.echo(f"  {end - self.start:8.3f} s  total", err=True)
 
 
-def _lower_all(path: Path, kernels: dict[str, Kernel], wrt, dtype, stable=True, progress=compiler._quiet) -> list[compiler.Lowered]:
+def _lower_all(path: Path, kernels: dict[str, Kernel], wrt, dtype, stable=True, progress=compiler._quiet, prefix="") -> list[compiler.Lowered]:
     lowered = []
     for name, k in kernels.items():
         try:
-            lowered.append(compiler.lower(k, wrt, dtype, name=name, stable=stable, progress=progress))
+            lowered.append(compiler.lower(k, wrt, dtype, name=name, prefix=prefix, stable=stable, progress=progress))
         except Exception as exc:  # noqa: BLE001 - tracing runs user code
             raise UserError(_locate(exc, path)) from None
     return lowered
@@ -137,19 +138,39 @@ _verbose_opt = click.option("-v", "--verbose", is_flag=True, help="Print each co
 @_kernel_opt
 @_wrt_opt
 @_dtype_opt
-@click.option("-o", "--output", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False), help="Folder to write the package into.")
+@click.option("-o", "--output", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False), help="Folder to write into.")
+@click.option(
+    "--emit",
+    type=click.Choice(["package", "c"]),
+    default="package",
+    show_default=True,
+    help="package: OUT/<stem>/ importable from Python; c: only OUT/<stem>.c and OUT/<stem>.h (no C compiler needed).",
+)
+@click.option("--prefix", default="", help="Prefix for every exported C symbol, so that several compiled modules link together.")
 @click.option("--cflags", help="C compiler flags replacing the defaults (e.g. \"-O2\").")
 @_stable_opt
 @_verbose_opt
-def compile_cmd(file, names, wrt, dtype, out_dir, cflags, unstable, verbose) -> None:
-    """Compile FILE's kernels into the package OUT/<file stem>/ (C source, header, extension, glue)."""
+def compile_cmd(file, names, wrt, dtype, out_dir, emit, prefix, cflags, unstable, verbose) -> None:
+    """Compile FILE's kernels into the package OUT/<file stem>/ (C source, header, extension, glue),
+    or with --emit c into OUT/<file stem>.c and .h alone."""
+    if prefix and not re.fullmatch(r"[A-Za-z_]\w*", prefix, re.ASCII):
+        raise UserError(f"--prefix {prefix!r}: a prefix must be a C identifier (letters, digits and _, not starting with a digit)")
     progress = Progress(verbose)
     path, kernels = load_kernels(file)
     kernels = _select(path, kernels, names)
     module = codegen.Names().take(path.stem)
-    lowered = _lower_all(path, kernels, _wrt_option(wrt), dtype, not unstable, progress)
+    lowered = _lower_all(path, kernels, _wrt_option(wrt), dtype, not unstable, progress, prefix)
+    if emit == "c":
+        progress("generating C (common subexpressions)")
+        rendered = codegen.render([l.spec for l in lowered], module, prefix=prefix)
+        write_c(Path(out_dir), rendered)
+        progress.report()
+        for low in lowered:
+            click.echo(f"compiled {low.meta['kernel']} ({low.meta['dtype']}; {', '.join(low.meta['entries'].values())})")
+        click.echo(f"wrote {Path(out_dir) / (module + '.c')} and {Path(out_dir) / (module + '.h')}")
+        return
     try:
-        rendered, built = compiler.compile_many(lowered, module, cflags=cflags.split() if cflags else None, progress=progress)
+        rendered, built = compiler.compile_many(lowered, module, cflags=cflags.split() if cflags else None, progress=progress, prefix=prefix)
     except GradcError as exc:
         raise UserError(str(exc)) from None
     target = Path(out_dir) / module
@@ -160,6 +181,15 @@ def compile_cmd(file, names, wrt, dtype, out_dir, cflags, unstable, verbose) -> 
         entries = ", ".join(low.meta["entries"])
         click.echo(f"compiled {low.meta['kernel']} ({low.meta['dtype']}; {entries})")
     click.echo(f"wrote {target}/ (import with: sys.path.insert(0, {str(Path(out_dir))!r}); import {module})")
+
+
+def write_c(out_dir: Path, rendered) -> None:
+    """Write the ``.c`` and ``.h``, each by a rename, so that a build never sees half a file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in ((f"{rendered.module}.h", rendered.header), (f"{rendered.module}.c", rendered.c_source)):
+        staging = out_dir / f".{name}.tmp-{os.getpid()}"
+        staging.write_text(text)
+        os.replace(staging, out_dir / name)
 
 
 def write_package(target: Path, module: str, origin: str, lowered, rendered, built) -> None:
@@ -267,8 +297,21 @@ def _parse_dims(text: str | None) -> dict[str, int]:
         name, _, value = item.partition("=")
         if not name.strip().isidentifier() or not value.strip().isdigit():
             raise UserError(f"--dims: expected NAME=SIZE items such as N=7,M=5, got {item!r}")
+        if name.strip() in dims:
+            raise UserError(f"--dims: {name.strip()} is given twice")
         dims[name.strip()] = int(value)
     return dims
+
+
+def _check_dim_names(dims: dict[str, int], kernels: dict[str, Kernel]) -> None:
+    # A misspelt name would otherwise be ignored and the check run at the default sizes.
+    known = list(dict.fromkeys(d for k in kernels.values() for p in k.params for d in p.type.dims if isinstance(d, str)))
+    unknown = [n for n in dims if n not in known]
+    if unknown:
+        raise UserError(
+            f"--dims: no dimension named {', '.join(unknown)} "
+            f"(named dimensions: {', '.join(known) if known else 'none'})"
+        )
 
 
 def random_inputs(k: Kernel, dims: dict[str, int], rng: np.random.Generator, positive: bool) -> list[np.ndarray]:
@@ -304,6 +347,7 @@ def check_cmd(file, names, wrt, dtype, dims, seed, second, positive) -> None:
     path, kernels = load_kernels(file)
     kernels = _select(path, kernels, names)
     sizes = _parse_dims(dims)
+    _check_dim_names(sizes, kernels)
     failed = []
     for name, k in kernels.items():
         rng = np.random.default_rng(seed)

@@ -144,6 +144,7 @@ def lower(
             f"d_w = sum over every element e of every output o of ct_o[e] * do[e]/dw, for w in {', '.join(wrt_names)}"
         )
         entries.append(entry("vjp", params + cotangents, out_names + grad_names, outs + grads, what))
+        progress("differentiating in forward mode")
         tangents = [ir.Input(f"t_{w.param}", w.shape) for w in wrt_nodes]
         out_tangents = autodiff.jvp(outs, wrt_nodes, tangents)
         what = (
