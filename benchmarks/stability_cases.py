@@ -100,6 +100,10 @@ def logsumexp_by_hand(G, v):
     return G.log(G.sum(G.exp(v)))
 
 
+def log1mexp(G, x):
+    return G.log(1 - G.exp(-x))
+
+
 def sqrt_of_square(G, x):
     return G.sqrt(x * x)
 
@@ -136,6 +140,10 @@ def _sym_norm(v):
     return sp.sqrt(sp.Add(*(a * a for a in v)))
 
 
+def _sym_log1mexp(x):
+    return sp.log(1 - sp.exp(-x))
+
+
 def _sym_log_cosh(x):
     return sp.log(sp.cosh(x))
 
@@ -146,7 +154,7 @@ CASES: tuple[Case, ...] = (
     Case("softplus_by_hand-", softplus_by_hand, _sym_softplus, -100.0, "log(1 + exp(x))",
          "1 + exp(-100) rounds to 1: value 0 instead of 3.7e-44"),
     Case("logistic_ratio+", logistic_ratio, _sym_logistic, 100.0, "exp(x) / (1 + exp(x))",
-         "inf/inf = NaN in float32; the float64 gradient is 1e-16 instead of 3.7e-44"),
+         "inf/inf = NaN in float32; the float64 gradient is 1e-16 or 0 instead of 3.7e-44"),
     Case("logistic_ratio-", logistic_ratio, _sym_logistic, -100.0, "exp(x) / (1 + exp(x))",
          "fine: the control for the sign above"),
     Case("logistic+", logistic, _sym_logistic, 100.0, "1 / (1 + exp(-x))",
@@ -154,7 +162,7 @@ CASES: tuple[Case, ...] = (
     Case("logistic-", logistic, _sym_logistic, -100.0, "1 / (1 + exp(-x))",
          "exp(100) overflows float32: gradient exp(100) / (1 + exp(100))**2 = inf/inf = NaN"),
     Case("log_sigmoid", lambda G, x: G.log(G.sigmoid(x)), lambda x: -_sym_softplus(-x), -100.0, "log(sigmoid(x))",
-         "sigmoid(-100) is a float32 subnormal: log loses all but a few bits (-99.98)"),
+         "sigmoid(-100) is a float32 subnormal (log gives -99.98) or flushed to 0 (-inf, NaN gradient)"),
     Case("log_logistic", lambda G, x: G.log(1 / (1 + G.exp(-x))), lambda x: sp.log(_sym_logistic(x)), -100.0,
          "log(1 / (1 + exp(-x)))", "1/(1 + inf) = 0 in float32: value -inf, gradient NaN"),
     Case("one_minus_sigmoid", lambda G, x: 1 - G.sigmoid(x), lambda x: 1 - _sym_logistic(x), 100.0, "1 - sigmoid(x)",
@@ -168,6 +176,8 @@ CASES: tuple[Case, ...] = (
     Case("log_softmax", lambda G, v: G.sum(G.log(G.exp(v) / G.sum(G.exp(v)))),
          lambda v: sp.Add(*(a - _sym_lse(v) for a in v)), (1000.0, 0.0, -1000.0), "sum(log(exp(v) / sum(exp(v))))",
          "inf/inf = NaN"),
+    Case("softmax", lambda G, v: G.exp(v)[0] / G.sum(G.exp(v)), lambda v: sp.exp(v[0] - _sym_lse(v)),
+         (1000.0, 999.0, 0.0), "softmax(v)[0]", "inf/inf = NaN"),
     Case("softmax_cross_entropy", lambda G, v: -G.log(G.exp(v)[2] / G.sum(G.exp(v))),
          lambda v: _sym_lse(v) - v[2], (100.0, 0.0, -100.0), "-log(softmax(v)[2])",
          "float32: exp(100) overflows; log(exp(-100)/inf) = -inf"),
@@ -182,6 +192,10 @@ CASES: tuple[Case, ...] = (
          "1 + 1e-10 rounds to 1 in float32 (value 0) and loses 8 digits in float64"),
     Case("expm1_by_hand", lambda G, x: G.exp(x) - 1, lambda x: sp.exp(x) - 1, 1e-10, "exp(x) - 1",
          "exp(1e-10) rounds to 1 in float32 (value 0) and loses 8 digits in float64"),
+    Case("log1mexp_small", log1mexp, _sym_log1mexp, 1e-10, "log(1 - exp(-x))",
+         "1 - exp(-1e-10) is 0 in float32 (value -inf) and keeps 8 digits in float64"),
+    Case("log1mexp_large", log1mexp, _sym_log1mexp, 100.0, "log(1 - exp(-x))",
+         "1 - exp(-100) rounds to 1: value 0 instead of -3.7e-44"),
     Case("sqrt_of_square", sqrt_of_square, lambda x: sp.sqrt(x * x), -3.0, "sqrt(x*x)",
          "fine: the control for the case below"),
     Case("sqrt_of_square_at_0", sqrt_of_square, lambda x: sp.sqrt(x * x), 0.0, "sqrt(x*x)",
@@ -199,11 +213,11 @@ CASES: tuple[Case, ...] = (
     Case("tanh-", tanh, sp.tanh, -100.0, "tanh(x)",
          "1 - tanh(x)**2 = 0 in float64, instead of 5.5e-87"),
     Case("sigmoid+", sigmoid, _sym_logistic, 100.0, "sigmoid(x)",
-         "s * (1 - s) = 0, instead of 3.7e-44"),
+         "a tape's s * (1 - s) is 0 in float64, instead of 3.7e-44"),
     Case("sigmoid-", sigmoid, _sym_logistic, -100.0, "sigmoid(x)",
          "fine with a library sigmoid: the control for the sign above"),
     Case("softplus-", lambda G, x: G.softplus(x), lambda x: _sym_softplus(x), -100.0, "softplus(x)",
-         "log(1 + exp(-100)) = log(1) = 0"),
+         "fine with a library softplus: the control for softplus_by_hand-"),
     Case("log_cosh+", log_cosh, _sym_log_cosh, 100.0, "log(cosh(x))",
          "cosh(100) overflows float32: value inf, gradient NaN"),
     Case("log_cosh-", log_cosh, _sym_log_cosh, -100.0, "log(cosh(x))",

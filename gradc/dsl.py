@@ -24,18 +24,22 @@ import sympy as sp
 
 from . import autodiff, ir, rewrite
 from .errors import DimensionError, GradcError, ShapeError, TraceError
-from .scalar import Relu, Sigmoid, Softplus, StopGradient, expm1, log1p
+from .scalar import FiniteOrZero, Relu, Sigmoid, Softplus, StopGradient, expm1, log1p
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------- locations
+#: Modules of gradc written in the DSL (the kernels it ships): their lines are DSL lines.
+_DSL_MODULES = {os.path.join(_PACKAGE_DIR, "optim.py")}
+
+
 def user_location() -> ir.Location | None:
     """The innermost stack frame outside gradc: where the user's DSL code is."""
     frame = sys._getframe(1)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(_PACKAGE_DIR + os.sep) or filename in _DSL_MODULES:
             return (filename, frame.f_lineno)
         frame = frame.f_back
     return None
@@ -563,7 +567,8 @@ def mean(x, axis=None, keepdims=False) -> Tensor:
 def logsumexp(x, axis=None, keepdims=False) -> Tensor:
     """log(sum(exp(x))) with the maximum shifted out, so it neither overflows nor underflows."""
     x = as_tensor(x)
-    m = stop_gradient(max(x, axis, keepdims=True))
+    # A row of -inf (or one +inf) must not shift by itself: -inf - -inf is NaN.
+    m = stop_gradient(_ewise(FiniteOrZero, max(x, axis, keepdims=True), hint="peak"))
     s = log(sum(exp(x - m), axis, keepdims=keepdims))
     if keepdims:
         return s + m
@@ -1064,6 +1069,15 @@ def kernel(fn: Callable | None = None, *, wrt: str | Sequence[str] | None = None
     return k
 
 
+def _tuple_output_names(outs: list, taken: list[str]) -> list[str]:
+    """The variables a kernel returns (``return param_new, m_new``) name its outputs in C,
+    when they are distinct new names; otherwise ``out0, out1, ...``."""
+    names = [o.node.name if isinstance(o, Tensor) and not isinstance(o.node, ir.Input) else None for o in outs]
+    if all(names) and len(set(names)) == len(names) and not set(names) & set(taken) and not any(map(ir.reserved, names)):
+        return names
+    return [f"out{i}" for i in range(len(outs))]
+
+
 def _name_locals(code, frame_filter):
     """A profile hook that names traced tensors after the user's local variables."""
 
@@ -1110,7 +1124,7 @@ def trace(fn: Callable, params: list[Param]) -> Traced:
     loc = (fn.__code__.co_filename, fn.__code__.co_firstlineno)
     if isinstance(result, (tuple, list)):
         outs = list(result)
-        names = [f"out{i}" for i in range(len(outs))]
+        names = _tuple_output_names(outs, [p.name for p in params] + dims)
     else:
         outs = [result]
         names = ["out"]

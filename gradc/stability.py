@@ -39,10 +39,17 @@ def _is_exp(e) -> bool:
     return isinstance(e, sp.exp)
 
 
-def _split_add(e: sp.Add, pred) -> tuple[list, list]:
-    hit = [a for a in e.args if pred(a)]
-    rest = [a for a in e.args if not pred(a)]
-    return hit, rest
+def _exponent(t) -> sp.Expr | None:
+    """``a`` where ``t = exp(a)``, else None.
+
+    ``t = c * exp(b)`` with a number ``c > 0`` counts as ``exp(b + log(c))``: that is how
+    SymPy holds ``exp(x + 0.5)`` (as ``1.6487*exp(x)``), which must not escape the rules.
+    """
+    if _is_exp(t):
+        return t.args[0]
+    if t.is_Mul and len(t.args) == 2 and t.args[0].is_Number and t.args[0].is_positive and _is_exp(t.args[1]):
+        return t.args[1].args[0] + sp.log(t.args[0])
+    return None
 
 
 def _softplus(e):
@@ -50,35 +57,41 @@ def _softplus(e):
     if isinstance(e, sp.log) and isinstance(e.args[0], sp.Add):
         arg = e.args[0]
         if len(arg.args) == 2 and sp.S.One in arg.args:
-            other = arg.args[0] if arg.args[1] == 1 else arg.args[1]
-            if _is_exp(other):
-                return Softplus(other.args[0])
-    if isinstance(e, log1p) and _is_exp(e.args[0]):
-        return Softplus(e.args[0].args[0])
+            a = _exponent(arg.args[0] if arg.args[1] == 1 else arg.args[1])
+            if a is not None:
+                return Softplus(a)
+    if isinstance(e, log1p) and _exponent(e.args[0]) is not None:
+        return Softplus(_exponent(e.args[0]))
     return None
 
 
 def _sigmoid(e):
     # 1/(1 + exp(a)) = sigmoid(-a); exp(x)/(1 + exp(x)) then meets _exp_times_sigmoid.
     if e.is_Pow and e.exp == -1 and isinstance(e.base, sp.Add) and len(e.base.args) == 2 and sp.S.One in e.base.args:
-        other = e.base.args[0] if e.base.args[1] == 1 else e.base.args[1]
-        if _is_exp(other):
-            return Sigmoid(-other.args[0])
+        a = _exponent(e.base.args[0] if e.base.args[1] == 1 else e.base.args[1])
+        if a is not None:
+            return Sigmoid(-a)
     return None
 
 
 def _exp_times_sigmoid(e):
-    # exp(a) * sigmoid(-a) = sigmoid(a)
+    # exp(a) * sigmoid(-a) = sigmoid(a), also with exp(a) as c * exp(b) (see _exponent).
     if not e.is_Mul:
         return None
+    c, _ = e.as_coeff_Mul()
     for f in e.args:
-        if _is_exp(f):
-            partner = Sigmoid(-f.args[0])
+        if not _is_exp(f):
+            continue
+        options = [(f.args[0], [f])]
+        if c != 1 and c.is_positive:
+            options.append((_exponent(c * f), [c, f]))
+        for a, used in options:
+            partner = Sigmoid(-a)
             if partner in e.args:
                 rest = list(e.args)
-                rest.remove(f)
-                rest.remove(partner)
-                return sp.Mul(Sigmoid(f.args[0]), *rest)
+                for u in used + [partner]:
+                    rest.remove(u)
+                return sp.Mul(Sigmoid(a), *rest)
     return None
 
 
@@ -124,6 +137,17 @@ def _combine_exps(e):
     return None
 
 
+def _log1mexp(e):
+    # log(1 - exp(a)), a < 0: 1 - exp(a) cancels near a = 0, where -expm1(a) is exact, and
+    # -expm1(a) rounds to 1 far from 0, where log1p(-exp(a)) is exact (Maechler 2012).
+    if isinstance(e, sp.log) and e.args[0].is_Add and len(e.args[0].args) == 2 and sp.S.One in e.args[0].args:
+        other = e.args[0].args[0] if e.args[0].args[1] == 1 else e.args[0].args[1]
+        a = _exponent(-other)
+        if a is not None:
+            return sp.Piecewise((sp.log(-expm1(a)), a > -sp.log(2)), (log1p(-sp.exp(a)), True))
+    return None
+
+
 def _log1p(e):
     # log(1 + a) = log1p(a): exact for small a, where 1 + a rounds a away.
     if isinstance(e, sp.log) and e.args[0].is_Add and sp.S.One in e.args[0].args:
@@ -134,14 +158,18 @@ def _log1p(e):
 
 
 def _expm1(e):
-    # exp(a) - 1 = expm1(a): exact for small a, where exp(a) rounds to 1.
-    if e.is_Add and sp.S.NegativeOne in e.args:
-        exps, _ = _split_add(e, _is_exp)
-        if exps:
-            rest = list(e.args)
-            rest.remove(sp.S.NegativeOne)
-            rest.remove(exps[0])
-            return sp.Add(expm1(exps[0].args[0]), *rest)
+    # exp(a) - 1 = expm1(a) and 1 - exp(a) = -expm1(a): exact for small a, where exp(a) rounds to 1.
+    if not e.is_Add:
+        return None
+    for one in (sp.S.NegativeOne, sp.S.One):
+        if one in e.args:
+            for t in e.args:
+                a = _exponent(-one * t)
+                if a is not None:  # one + t = one - one * exp(a) = -one * expm1(a)
+                    rest = list(e.args)
+                    rest.remove(one)
+                    rest.remove(t)
+                    return sp.Add(-one * expm1(a), *rest)
     return None
 
 
@@ -180,8 +208,9 @@ RULES: tuple[Rule, ...] = (
     Rule("combine-exps", "exp(a) * exp(b) -> exp(a + b)", _combine_exps),
     Rule("log-cosh", "log(cosh(x)) -> log1p(2 sinh(x/2)**2) for |x| < 1, else |x| + log1p(exp(-2|x|)) - log(2)", _log_cosh),
     Rule("tanh", "tanh(x) -> tanh(x) differentiated as 4 sigmoid(2x) sigmoid(-2x), not 1 - tanh(x)**2", _tanh),
+    Rule("log1mexp", "log(1 - exp(x)) -> log(-expm1(x)) for x > -log(2), else log1p(-exp(x))", _log1mexp),
     Rule("log1p", "log(1 + x) -> log1p(x)", _log1p),
-    Rule("expm1", "exp(x) - 1 -> expm1(x)", _expm1),
+    Rule("expm1", "exp(x) - 1 -> expm1(x), 1 - exp(x) -> -expm1(x)", _expm1),
     Rule("sqrt-of-square", "sqrt(x*x) -> |x|", _sqrt_of_square),
 )
 
@@ -218,8 +247,8 @@ def rewrite_expr(expr: sp.Expr, fired: Counter | None = None, rules: Sequence[Ru
 
 def _sum_of_exp(node: ir.Node) -> sp.Expr | None:
     """The exponent ``u`` when ``node`` is ``sum(exp(u))`` not already shifted, else None."""
-    if isinstance(node, ir.Map) and node.reduce == "sum" and _is_exp(node.expr):
-        u = node.expr.args[0]
+    u = _exponent(node.expr) if isinstance(node, ir.Map) and node.reduce == "sum" else None
+    if u is not None:
         # gradc.logsumexp and earlier rewrites shift already: by a stop_gradient inlined into
         # the body, or read from a node of its own (gradc.logsumexp's max has two readers).
         stopped = [o for o in node.operands if isinstance(o.node, ir.Map) and o.node.expr.has(StopGradient)]

@@ -18,6 +18,8 @@ precision for the whole module.
 
 import importlib.util
 import math
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +28,17 @@ import sympy as sp
 
 import gradc
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "stability_cases.py"
-_spec = importlib.util.spec_from_file_location("stability_cases", _PATH)
-cases = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cases)
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cases = _load("stability_cases")
 
 DTYPES = ("f32", "f64")
 BY_NAME = {c.name: c for c in cases.CASES}
@@ -101,3 +110,16 @@ def test_the_reference_is_taken_at_the_input_as_rounded_to_the_precision():
     v64, _ = cases.reference(case, "f64")
     assert v32 != v64
     assert math.isclose(cases.as_float(v32), float(np.float32(1e-10)), rel_tol=1e-9)
+
+
+def test_the_table_script_runs_and_counts_the_passes(capsys, monkeypatch):
+    # The script puts benchmarks/ on sys.path to import the case table: give it this one.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, "stability_cases", cases)
+    script = _load("stability")
+    assert script.main(["-k", "softplus_by_hand", "--gradc-only"]) == 0
+    out = capsys.readouterr().out
+    assert "stability suite: values" in out and "stability suite: gradients" in out
+    assert "softplus_by_hand+" in out and "inf ✗" in out  # stable=False overflows in float32
+    assert re.search(r"gradc f32\s+2 / 2", out) and re.search(r"gradc f64\s+2 / 2", out)
+    assert re.search(r"stable=False f32\s+1 / 2", out)
