@@ -97,7 +97,7 @@ class Tile:
     reds: list[tuple[str, str]]  # the reduction loops
     rows: int
     cols: int
-    blocked: bool  # sums: blocks of the (single) reduction loop go into a double tile
+    blocked: bool  # sums: blocks of the innermost reduction loop go into a double tile
     block_size: int
     ctype: str
     identity: str
@@ -457,7 +457,7 @@ class FunctionLowering:
         var_syms = [sp.Symbol(v, integer=True) for v in loop_vars]
         out_idx = self.linear(node.shape, node.out_index, var_syms)
         names = {k: local.take(k) for k in ("tile", "wide", "row0", "col0", "row_full", "col_full", "gi", "gj", "blk", "blk_end", "acc")}
-        blocked = node.reduce == "sum" and len(reds) == 1
+        blocked = node.reduce == "sum"
         acc_type = "double" if node.reduce == "sum" else self.ctype
         held = names["wide"] if blocked else names["tile"]
         cast = f"({self.ctype})" if blocked else ""

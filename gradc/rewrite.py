@@ -196,7 +196,10 @@ def _hoist_node(node: ir.Map, new: dict[int, ir.Node]) -> ir.Map:
         loop,
         node.out_index,
         operands,
-        lambda *s: scale * node.expr.xreplace(dict(zip(olds, s))),
+        # extent 0 must give the empty sum 0, even of an Inf or NaN term (0 * inf is NaN)
+        lambda *s: sp.Piecewise((0, sp.Eq(scale, 0)), (scale * node.expr.xreplace(dict(zip(olds, s))), True))
+        if scale != 1
+        else node.expr.xreplace(dict(zip(olds, s))),
         reduce=node.reduce,
         dtype=node.dtype,
         name=node.name,

@@ -1,0 +1,247 @@
+"""The branch-free float32 exp, log, log1p and tanh of templates/vecmath.c.j2.
+
+Float32 kernels call them instead of libm (gradc/printer.py), so every float32 loop that
+uses these functions goes through them.  Each is compared, on dense ranges and on the
+special values, with NumPy's float64 result; the error is measured in float32 ulps of
+that (nearly exact) result, and the documented bound is 2.5 ulp.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import gradc
+from gradc import f32, f64
+from gradc.printer import VECTOR_MATH, VECTOR_MATH_ORDER
+
+MAX_ULP = 2.5
+TINIEST = np.float32(2.0**-149)  # the smallest subnormal
+
+
+@gradc.kernel
+def exp_(x: f32["N"]):
+    return gradc.exp(x)
+
+
+@gradc.kernel
+def log_(x: f32["N"]):
+    return gradc.log(x)
+
+
+@gradc.kernel
+def log1p_(x: f32["N"]):
+    return gradc.log1p(x)
+
+
+@gradc.kernel
+def tanh_(x: f32["N"]):
+    return gradc.tanh(x)
+
+
+@gradc.kernel
+def sin_(x: f32["N"]):
+    return gradc.sin(x)
+
+
+@gradc.kernel
+def exp_log_f64(x: f64["N"]):
+    return gradc.exp(x) + gradc.log(x)
+
+
+KERNELS = {"exp": exp_, "log": log_, "log1p": log1p_, "tanh": tanh_}
+NUMPY = {"exp": np.exp, "log": np.log, "log1p": np.log1p, "tanh": np.tanh}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return {name: gradc.compile(k) for name, k in KERNELS.items()}
+
+
+# ----------------------------------------------------------------------------- helpers
+def ulp_error(got: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """|got - exact| in units of the float32 ulp at ``exact`` (0 where both are the same Inf or NaN)."""
+    with np.errstate(all="ignore"):
+        rounded = exact.astype(np.float32)
+        _, e = np.frexp(exact)
+        ulp = np.ldexp(1.0, np.maximum(e - 1, -126) - 23)
+        err = np.abs(got.astype(np.float64) - exact) / ulp
+    # an exact result past FLT_MAX that rounds to Inf is matched by Inf
+    err = np.where(np.isinf(got) & (got == rounded), 0.0, err)
+    nan_got, nan_exact = np.isnan(got), np.isnan(exact)
+    return np.where(nan_got | nan_exact, np.where(nan_got == nan_exact, 0.0, np.inf), err)
+
+
+def assert_within_ulps(name: str, x: np.ndarray, got: np.ndarray, exact: np.ndarray, bound: float = MAX_ULP):
+    err = ulp_error(got, exact)
+    worst = int(np.argmax(err))
+    assert err[worst] <= bound, f"{name}({x[worst]!r}) = {got[worst]!r}, exact {exact[worst]!r}: {err[worst]:.3f} ulp"
+
+
+def exact(name: str, x: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return NUMPY[name](x.astype(np.float64))
+
+
+def every_float(lo: float, hi: float) -> np.ndarray:
+    """Every float32 from lo to hi (both of one sign), in order."""
+    if hi <= 0:
+        return -every_float(-hi, -lo)[::-1]
+    a, b = np.array([lo, hi], np.float32).view(np.int32).astype(np.int64)
+    return np.arange(a, b + 1).astype(np.uint32).view(np.float32)
+
+
+def random_bits(rng, lo_bits: int, hi_bits: int, n: int) -> np.ndarray:
+    """Floats with uniformly random bit patterns: every binade of [lo, hi) equally often."""
+    return rng.integers(lo_bits, hi_bits, n, dtype=np.int64).astype(np.uint32).view(np.float32)
+
+
+def tiny(n: int) -> np.ndarray:
+    t = np.logspace(-45, -3, n).astype(np.float32)
+    return np.concatenate([t, -t])
+
+
+rng = np.random.default_rng(0)
+POSITIVE = random_bits(rng, 1, 0x7F800000, 10**6)  # subnormals to FLT_MAX
+BELOW_ONE = random_bits(rng, 1, 0x3F800000, 3 * 10**5)  # (0, 1)
+
+DENSE = {
+    "exp": {
+        "whole range": np.linspace(-104, 89, 10**6, dtype=np.float32),
+        "overflow threshold 88.72": every_float(88.70, 88.74),
+        "underflow threshold -103.97": every_float(-104.0, -103.9),
+        "subnormal results": np.linspace(-103.97, -87.3, 2 * 10**5, dtype=np.float32),
+        "near 0": tiny(10**5),
+        "[-1, 1]": np.linspace(-1, 1, 2 * 10**5, dtype=np.float32),
+    },
+    "log": {
+        "all positive floats": POSITIVE,
+        "subnormal arguments": random_bits(rng, 1, 0x00800000, 10**5),
+        "near 1": every_float(0.99, 1.01),
+        "huge": every_float(3.0e38, 3.4028235e38)[::20],
+        "[0.001, 100]": np.linspace(1e-3, 100, 10**6, dtype=np.float32),
+    },
+    "log1p": {
+        "all positive floats": POSITIVE,
+        "(-1, 0)": -BELOW_ONE,
+        "near -1": every_float(-1.0, -0.99)[1:],
+        "tiny": tiny(10**5),
+        "[-0.3, 0.5]": np.linspace(-0.3, 0.5, 10**6, dtype=np.float32),
+        "huge": every_float(3.0e38, 3.4028235e38)[::20],
+    },
+    "tanh": {
+        "[-10, 10]": np.linspace(-10, 10, 10**6, dtype=np.float32),
+        "|x| around 0.625 (the switch)": np.concatenate([every_float(0.6, 0.65), every_float(-0.65, -0.6)]),
+        "tiny": tiny(10**5),
+        "all floats": np.concatenate([POSITIVE, -POSITIVE]),
+    },
+}
+
+
+# ----------------------------------------------------------------------------- the C
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_float32_kernels_call_the_helpers_and_define_only_what_they_call(compiled, name):
+    src = compiled[name].c_source
+    helper = VECTOR_MATH[name]
+    body = src[src.index("_forward(") :]
+    assert f"{helper}(" in body, f"{name} kernel does not call {helper}"
+    assert not re.search(rf"\b{name}f\(", body), f"{name} kernel calls libm's {name}f"
+    for h in VECTOR_MATH_ORDER:
+        definitions = len(re.findall(rf"static inline \w+ {h}\(", src))
+        calls = len(re.findall(rf"\b{h}\(", src)) - definitions
+        assert definitions <= 1, h
+        assert (definitions == 1) == (calls > 0), f"{h}: defined {definitions}, called {calls} times"
+
+
+def test_expected_helper_sets(compiled):
+    defined = {
+        name: set(re.findall(r"static inline \w+ (gradc_\w+)\(", c.c_source)) for name, c in compiled.items()
+    }
+    assert defined["exp"] == {"gradc_float_of", "gradc_expf"}
+    assert defined["log"] == {"gradc_bits_of", "gradc_float_of", "gradc_logf"}
+    assert defined["log1p"] == {"gradc_bits_of", "gradc_float_of", "gradc_logf", "gradc_log1pf"}
+    assert defined["tanh"] == {"gradc_float_of", "gradc_expf", "gradc_tanhf"}
+
+
+def test_no_helpers_without_the_functions_or_in_float64():
+    for kernel in (sin_, exp_log_f64):
+        src = gradc.compile(kernel, wrt=[]).c_source
+        assert "gradc_bits" not in src and not re.search(r"gradc_\w+f\(", src), kernel.name
+    src = gradc.compile(exp_log_f64, wrt=[]).c_source
+    assert re.search(r"\bexp\(", src) and re.search(r"\blog\(", src)
+
+
+# ----------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize(
+    "name, region", [(name, region) for name, regions in DENSE.items() for region in regions]
+)
+def test_dense_ranges_within_2_5_ulp(compiled, name, region):
+    x = np.ascontiguousarray(DENSE[name][region])
+    got = compiled[name](x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    assert_within_ulps(name, x, got, exact(name, x))
+
+
+SPECIAL = {
+    "exp": [0.0, -0.0, np.inf, -np.inf, np.nan, TINIEST, -TINIEST, 88.72283, 88.72284, -103.97207, -103.97209, -1e30, 3.4e38],
+    "log": [0.0, -0.0, np.inf, -np.inf, np.nan, TINIEST, -TINIEST, 1.0, -1.0, -2.0, -1e30, 1.1754942e-38, 3.4028235e38],
+    "log1p": [0.0, -0.0, np.inf, -np.inf, np.nan, TINIEST, -TINIEST, -1.0, -1.0000001, -2.0, -1e30, 1.0, -0.5, 3.4028235e38],
+    "tanh": [0.0, -0.0, np.inf, -np.inf, np.nan, TINIEST, -TINIEST, 0.625, -0.625, 9.0, -9.0, 1e30, -1e30],
+}
+
+
+@pytest.mark.parametrize("name", list(SPECIAL))
+def test_special_values_as_ieee_and_numpy(compiled, name):
+    x = np.array(SPECIAL[name], dtype=np.float32)
+    got = compiled[name](x)
+    with np.errstate(all="ignore"):
+        want = NUMPY[name](x)  # NumPy's own float32 result
+    for xi, g, w in zip(x, got, want):
+        what = f"{name}({xi!r}) = {g!r}, NumPy gives {w!r}"
+        assert np.isnan(g) == np.isnan(w), what
+        if np.isinf(w):
+            assert g == w, what
+        if w == 0:
+            assert g == 0 and np.signbit(g) == np.signbit(w), what
+    assert_within_ulps(name, x, got, exact(name, x))
+
+
+# ----------------------------------------------------------------------------- gradients
+GRADIENT_POINTS = {
+    "exp": np.linspace(-103, 88, 10**5, dtype=np.float32),
+    "log": POSITIVE[: 10**5],
+    "log1p": np.concatenate([-BELOW_ONE[: 5 * 10**4], POSITIVE[: 5 * 10**4]]),
+    "tanh": np.linspace(-12, 12, 10**5, dtype=np.float32),
+}
+
+
+def closed_form(name: str, x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        return {"exp": np.exp, "log": lambda v: 1 / v, "log1p": lambda v: 1 / (1 + v), "tanh": lambda v: 1 - np.tanh(v) ** 2}[name](x)
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_POINTS))
+def test_gradients_match_closed_forms(compiled, name):
+    x = GRADIENT_POINTS[name]
+    ct = np.ones_like(x)
+    value, (grad,) = compiled[name].vjp(x, ct)
+    assert_within_ulps(name, x, value, exact(name, x))
+    want = closed_form(name, x)
+    if name == "tanh":
+        # 1 - tanh(x)^2 from a float32 tanh: absolute error ~ FLT_EPSILON where tanh(x) ~ ±1
+        np.testing.assert_allclose(grad, want, rtol=2e-6, atol=3e-7)
+    else:
+        assert_within_ulps(f"d{name}", x, grad, want, bound=3.0)
+
+
+def test_gradient_at_special_points(compiled):
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan], np.float32)
+    ones = np.ones_like(x)
+    with np.errstate(all="ignore"):
+        _, (d_exp,) = compiled["exp"].vjp(x, ones)
+        np.testing.assert_array_equal(d_exp, np.exp(x))
+        _, (d_tanh,) = compiled["tanh"].vjp(x, ones)
+        np.testing.assert_array_equal(d_tanh, [1, 1, 0, 0, np.nan])
+        _, (d_log1p,) = compiled["log1p"].vjp(np.array([0, -0.5, 1], np.float32), np.ones(3, np.float32))
+        np.testing.assert_array_equal(d_log1p, [1, 2, 0.5])
