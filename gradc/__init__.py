@@ -60,6 +60,7 @@ from .errors import DimensionError, DTypeError, GradcError, ShapeError, TraceErr
 from .compiler import compile, hessian  # noqa: E402
 from .check import CheckResult, check_grad  # noqa: E402
 from .runtime import CompiledKernel  # noqa: E402
+from . import optim  # noqa: E402
 
 
 def __getattr__(name: str):

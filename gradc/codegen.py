@@ -118,6 +118,12 @@ class Tile:
     acc_update: str  # the edges: one accumulator per element
     store_tile: str  # out[...] = tile or wide
     store_acc: str
+    lanes: int = 0  # "dots": each cell of the tile is a dot product in this many lanes
+    lane_update: str = ""
+    tail_update: str = ""
+    part: str = ""
+    l: str = ""
+    r_lane: str = ""
 
 
 @dataclass
@@ -382,7 +388,7 @@ class FunctionLowering:
                 body.append(f"{out}[{out_idx}] = {val};")
                 continue
             term = local.take(f"term_{out}")
-            if plan.kind == "tile":
+            if plan.kind in ("tile", "dots"):
                 body.append(f"const {self.ctype} {term} = {val};")
                 tile_term = term
                 continue
@@ -416,7 +422,7 @@ class FunctionLowering:
                     block_update=self.update(acc, part, node.reduce),
                 )
             )
-        tile = self.tile(group[0], plan, loop_vars, local, tile_term) if plan.kind == "tile" else None
+        tile = self.tile(group[0], plan, loop_vars, local, tile_term) if plan.kind in ("tile", "dots") else None
         lane = None
         if lanes:
             v = loop_vars[plan.order[-1]]
@@ -463,13 +469,26 @@ class FunctionLowering:
         cast = f"({self.ctype})" if blocked else ""
         cell = f"[{names['gi']}][{names['gj']}]"
         acc_cast = f"({self.ctype})" if acc_type != self.ctype else ""
+        dots = plan.kind == "dots"
+        extra = {}
+        if dots:
+            lanes = schedule.LANES if self.ctype == "float" else schedule.LANES // 2
+            extra = dict(
+                lanes=lanes,
+                l=local.take("l"),
+                r_lane=local.take(f"{loop_vars[reds[-1]]}_lane"),
+                part=local.take("part"),
+            )
+            lane_cell = f"[{names['gi']}][{names['gj']}][{extra['l']}]"
+            extra["lane_update"] = self.update(names["tile"] + lane_cell, term, node.reduce)
+            extra["tail_update"] = self.update(extra["part"], term, node.reduce)
         return Tile(
             outer=[(loop_vars[v], self.index(node.loop[v])) for v in plan.order[: plan.acc_depth]],
             row=(loop_vars[row], self.index(node.loop[row])) if row is not None else None,
             col=(loop_vars[col], self.index(node.loop[col])),
             reds=[(loop_vars[v], self.index(node.loop[v])) for v in reds],
-            rows=schedule.TILE_ROWS if row is not None else 1,
-            cols=schedule.TILE_COLS if self.ctype == "float" else schedule.TILE_COLS // 2,
+            rows=(schedule.TILE_DOTS if dots else schedule.TILE_ROWS) if row is not None else 1,
+            cols=schedule.TILE_DOTS if dots else schedule.TILE_COLS if self.ctype == "float" else schedule.TILE_COLS // 2,
             blocked=blocked,
             block_size=schedule.BLOCK,
             ctype=self.ctype,
@@ -481,6 +500,7 @@ class FunctionLowering:
             acc_update=self.update(names["acc"], term, node.reduce),
             store_tile=f"{out}[{out_idx}] = {cast}{held}{cell};",
             store_acc=f"{out}[{out_idx}] = {acc_cast}{names['acc']};",
+            **extra,
         )
 
     def identity(self, reduce: str | None) -> str:

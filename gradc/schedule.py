@@ -17,6 +17,9 @@ the results stay IEEE and reproducible (no ``-ffast-math``):
   operand feeds several multiply-adds.  Sums are blocked like lanes: each block of
   ``BLOCK`` reduction steps is added into a double tile.  The edges fall back to one
   accumulator per element.
+* ``dots``: a contraction whose operands are contiguous along the reduction (A·Bᵀ, the
+  input gradient of a dense layer): ``TILE_DOTS`` × ``TILE_DOTS`` dot products at once, each
+  in lanes, so every loaded vector feeds several of them.
 * ``accumulate``: the output is filled with the reduction's identity, then updated in
   place with a unit-stride *output* loop innermost (scatters such as the adjoint of a
   broadcast or a slice).
@@ -43,17 +46,18 @@ BLOCK = 256
 #: innermost (two 512-bit vectors of float), small enough to stay in registers.
 TILE_ROWS = 4
 TILE_COLS = 32
+TILE_DOTS = 4
 #: Extents assumed for named dimensions when comparing loop orders (only the ratios matter).
 TYPICAL_EXTENT = 1000
 
 
 @dataclass(frozen=True)
 class Schedule:
-    kind: str  # "map" | "reduce" | "tile" | "accumulate"
+    kind: str  # "map" | "reduce" | "tile" | "dots" | "accumulate"
     order: tuple[int, ...]  # loop variables, outermost first; the last is innermost
     acc_depth: int  # "reduce": accumulators live inside this many (output) loops
     lanes: bool  # the innermost loop runs in lanes (it is a reduction loop)
-    tile: tuple[int | None, int] | None = None  # "tile": (row variable or None, column variable)
+    tile: tuple[int | None, int] | None = None  # "tile", "dots": (row variable or None, column variable)
 
 
 def _coefficient(shape: Sequence[ir.Extent], index: ir.IndexMap, var: int) -> sp.Expr:
@@ -113,6 +117,9 @@ def schedule(node: ir.Map) -> Schedule:
         return Schedule("map", tuple(range(n)), 0, False)
     if node.is_gather_form():
         if red_vars and _contiguous(node, red_vars[-1], with_output=False):
+            if node.reduce == "sum" and len(out_vars) >= 2 and len(red_vars) == 1:
+                *outer, row, col = out_vars
+                return Schedule("dots", tuple(outer + [row, col] + red_vars), len(outer), True, (row, col))
             return Schedule("reduce", tuple(out_vars + red_vars), len(out_vars), True)
         for o in reversed(out_vars):
             if _contiguous(node, o, with_output=True) and _coefficient(node.shape, node.out_index, o) == 1:

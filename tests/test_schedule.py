@@ -131,10 +131,11 @@ def test_weight_gradient_is_tiled():
 
 def test_transposed_operand_dot_product_reduces_in_lanes():
     d_X = entry_outputs(matmul, "vjp")["d_X"]
-    # d_X[n, k] = Σ_m ct[n, m] W[k, m]: both operands are unit-stride along the reduction
+    # d_X[n, k] = Σ_m ct[n, m] W[k, m]: both operands are unit-stride along the reduction,
+    # so a block of (n, k) dot products runs at once, each in lanes along m
     plan = schedule.schedule(d_X)
-    assert plan.kind == "reduce" and plan.lanes
-    assert plan.acc_depth == 2
+    assert plan.kind == "dots" and plan.lanes
+    assert plan.acc_depth == 0 and plan.tile == tuple(plan.order[:2])
     assert d_X.loop[plan.order[-1]] == M
 
 
