@@ -1,10 +1,11 @@
 """The implementations measured side by side: gradc and its peers.
 
-A peer's ``prepare(workload, threads, workdir)`` returns a ``Prepared``: ``call()`` does one "loss and all
-gradients" evaluation as a user of that library would write it, from inputs already in the
-library's own array type (converted once, outside the timing), and returns the library's
-own result, which ``numpy()`` converts for the correctness check.  Peers other than gradc and
-NumPy are imported lazily and reported as unavailable when not installed.
+A peer's ``prepare(workload, threads, workdir)`` returns a ``Prepared``: ``call()`` does
+one "loss and all gradients" evaluation as a user of that library would write it, from
+inputs already in the library's own array type (converted once, outside the timing), and
+returns the library's own result, which ``numpy()`` converts for the correctness check.
+Peers other than gradc and NumPy are imported lazily and reported as unavailable when not
+installed; ``workdir`` is where a peer may write files (CasADi's generated C).
 """
 
 from __future__ import annotations
@@ -266,12 +267,18 @@ def build_casadi(cs, inputs: dict, outputs: Callable, workdir: Path):
 
 
 class CasadiCall:
-    """One call of the generated function: fresh outputs, a workspace kept between calls."""
+    """One call of the generated function: fresh outputs, a workspace kept between calls.
+
+    The outputs are views into one new buffer per call, so the Python side costs one
+    allocation and one pointer look-up, about as little as a ctypes call can.
+    """
 
     def __init__(self, f, fn, inputs: list[np.ndarray], out_shapes: list[tuple]):
         self.fn = fn
         self.inputs = inputs  # kept alive: the argument table points into them
-        self.out_shapes = out_shapes
+        sizes = [int(np.prod(s)) for s in out_shapes]
+        self.offsets = np.cumsum([0, *sizes]).tolist()
+        self.views = [(self.offsets[i], self.offsets[i + 1], s) for i, s in enumerate(out_shapes)]
         self.arg = (ctypes.c_void_p * f.sz_arg())(*(a.ctypes.data for a in inputs))
         self.res = (ctypes.c_void_p * f.sz_res())()
         self.iw = np.zeros(max(f.sz_iw(), 1), dtype=np.intc)
@@ -279,13 +286,14 @@ class CasadiCall:
         self.iw_ptr, self.w_ptr = self.iw.ctypes.data, self.w.ctypes.data
 
     def __call__(self):
-        outs = [np.empty(s, dtype=np.float32) for s in self.out_shapes]
+        buf = np.empty(self.offsets[-1], dtype=np.float32)
+        base = buf.ctypes.data
         res = self.res
-        for i, o in enumerate(outs):
-            res[i] = o.ctypes.data
+        for i, (start, _, _) in enumerate(self.views):
+            res[i] = base + 4 * start
         if self.fn(self.arg, res, self.iw_ptr, self.w_ptr, 0) != 0:
             raise RuntimeError("the CasADi function returned an error")
-        return outs
+        return [buf[start:stop].reshape(shape) for start, stop, shape in self.views]
 
 
 def prepare_casadi(w: Workload, threads: int, workdir: Path) -> Prepared:

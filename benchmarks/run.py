@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -36,6 +37,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="threads (and CPUs) for every implementation (default 1)")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only workloads whose name or label contains NAME (repeatable)")
     p.add_argument("--peers", default=",".join(ALL_PEERS), help=f"comma-separated peers to run (default: {','.join(ALL_PEERS)})")
+    p.add_argument("--stat", choices=["median", "min"], default="median", help="statistic of the samples that the tables, ratios and plot use (both are in the JSON)")
     p.add_argument("--budget", type=float, help="seconds of sampling per measurement (default 0.5, --quick 0.05)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder for latest.json and latest.png")
     args = p.parse_args(argv)
@@ -107,10 +109,10 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def cell(entry: dict) -> str:
+def cell(entry: dict, stat: str) -> str:
     status = entry["status"]
     if status == "ok" or status == "wrong":
-        return fmt_time(entry["timing"]["median_s"]) + (" WRONG" if status == "wrong" else "")
+        return fmt_time(entry["timing"][f"{stat}_s"]) + (" WRONG" if status == "wrong" else "")
     return {"unavailable": "not installed", "disagrees": "DISAGREES", "failed": "FAILED"}[status]
 
 
@@ -156,6 +158,7 @@ def run_workload(w, peer_names: list[str], args, workdir: Path) -> dict:
         entries["gradc"]["err_vs_f64"] = rel_error([got[0], *got[1]], want)
         if entries["gradc"]["err_vs_f64"] > TOLERANCE:
             entries["gradc"]["status"] = "wrong"
+            entries["gradc"]["detail"] = f"loss/gradients differ from the float64 reference by {entries['gradc']['err_vs_f64']:.2e} (normwise, relative)"
         else:
             baseline = [got[0], *got[1]]
     if "gradc forward" in results:
@@ -177,13 +180,13 @@ def run_workload(w, peer_names: list[str], args, workdir: Path) -> dict:
     for name, t in timing.measure(plans).items():
         entries[name]["timing"] = vars(t)
 
-    def median(name):
-        return entries.get(name, {}).get("timing", {}).get("median_s")
+    def stat_of(name):
+        return entries.get(name, {}).get("timing", {}).get(f"{args.stat}_s")
 
-    g = median("gradc")
-    ratios = {name: (median(name) / g if g and median(name) else None) for name in peer_names}
-    timed_peers = [n for n in peer_names if median(n)]
-    fastest = min(timed_peers, key=median) if timed_peers else None
+    g = stat_of("gradc")
+    ratios = {name: (stat_of(name) / g if g and stat_of(name) else None) for name in peer_names}
+    timed_peers = [n for n in peer_names if stat_of(n)]
+    fastest = min(timed_peers, key=stat_of) if timed_peers else None
     return {
         "label": w.label,
         "name": w.name,
@@ -193,7 +196,8 @@ def run_workload(w, peer_names: list[str], args, workdir: Path) -> dict:
         "speedup": ratios,  # peer time / gradc time: > 1 means gradc is faster
         "fastest_peer": fastest,
         "speedup_vs_fastest": ratios.get(fastest) if fastest else None,
-        "vg_over_forward": g / median("gradc forward") if g and median("gradc forward") else None,
+        "vg_over_forward": g / stat_of("gradc forward") if g and stat_of("gradc forward") else None,
+        "noise": max((e["timing"]["median_s"] / e["timing"]["min_s"] for e in entries.values() if "timing" in e), default=None),
     }
 
 
@@ -258,19 +262,21 @@ def sum_accuracy(peer_names: list[str], workdir: Path) -> dict:
 
 
 def report(res: dict, peer_names: list[str]) -> str:
+    stat = res["meta"]["stat"]
     out = []
     rows = []
     for r in res["workloads"]:
-        rows.append([r["label"], cell(r["impls"]["gradc"]), *(cell(r["impls"][p]) for p in peer_names)])
-    out.append("Median time per call (loss + all gradients), float32, "
-               f"{res['meta']['threads']} thread(s) on CPU(s) {res['meta']['cpus']}")
+        rows.append([r["label"], cell(r["impls"]["gradc"], stat), *(cell(r["impls"][p], stat) for p in peer_names)])
+    m = res["meta"]
+    out.append(f"{stat.capitalize()} time per call (loss + all gradients), float32, {m['threads']} thread(s) on CPU(s) "
+               f"{m['cpus']}; gradc at {m['gradc_source'] or 'an unknown commit'}, {m['date']}")
     out.append(table(["workload", "gradc", *peer_names], rows))
     rows = []
     for r in res["workloads"]:
         rows.append([r["label"], *(fmt_ratio(r["speedup"][p]) for p in peer_names), r["fastest_peer"] or "-",
-                     fmt_ratio(r["speedup_vs_fastest"]), fmt_ratio(r["vg_over_forward"])])
-    out.append("\nSpeed-up of gradc = peer time / gradc time (> 1: gradc is faster)")
-    out.append(table(["workload", *peer_names, "fastest peer", "vs fastest", "gradc vg/fwd"], rows))
+                     fmt_ratio(r["speedup_vs_fastest"]), fmt_ratio(r["vg_over_forward"]), fmt_ratio(r["noise"])])
+    out.append(f"\nSpeed-up of gradc = peer time / gradc time ({stat}s; > 1: gradc is faster)")
+    out.append(table(["workload", *peer_names, "fastest peer", "vs fastest", "gradc vg/fwd", "noise"], rows))
 
     comp = res.get("compile")
     if comp:
@@ -308,7 +314,8 @@ def report(res: dict, peer_names: list[str]) -> str:
     unavailable = sorted({n for r in res["workloads"] for n, e in r["impls"].items() if e["status"] == "unavailable"})
     if unavailable:
         notes.append(f"not installed: {', '.join(unavailable)} (pip install '.[bench]')")
-    m = res["meta"]
+    if m["threads"] > 1 and not m["gradc_threads"]:
+        notes.append(f"gradc.compile takes no thread count yet: gradc ran on one thread, its peers on {m['threads']}")
     pinned = ",".join(map(str, m["cpus"]))
     loose = {cpus: n for cpus, n in m["thread_affinities"].items() if cpus != pinned}
     if loose:
@@ -339,13 +346,14 @@ def plot(res: dict, peer_names: list[str], path: Path) -> bool:
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_yscale("log")
     ratio = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×")
+    ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2, 5)))
     ax.yaxis.set_major_formatter(ratio)
     ax.yaxis.set_minor_formatter(ratio)
     ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xticks(range(len(labels)), [l.replace(" ", "\n", 1) for l in labels], fontsize=8)
     ax.set_ylabel("peer time / gradc time  (> 1: gradc faster)")
     ax.set_title(f"gradc speed-up over each peer, float32, {res['meta']['threads']} thread(s), {res['meta']['date']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(shown), loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -364,6 +372,19 @@ def versions() -> dict:
     return out
 
 
+def source_state() -> str | None:
+    """The commit gradc was measured at, "+dirty" when gradc/ or templates/ differ from it."""
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=HERE.parent, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "gradc", "templates")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -378,6 +399,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cpus = pin(args.threads)
     # Imported only now that the thread settings and the affinity are in place.
+    import gradc
     import gradc.build
     import workloads as wl
 
@@ -394,8 +416,11 @@ def main(argv=None) -> int:
         "cpu": cpu_model(),
         "python": platform.python_version(),
         "versions": versions(),
+        "gradc_source": source_state(),
         "cflags": gradc.build.default_cflags(),
         "budget_s": args.budget,
+        "stat": args.stat,
+        "gradc_threads": "threads" in inspect.signature(gradc.compile).parameters,
         "tolerance": TOLERANCE,
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
         "loadavg_start": os.getloadavg(),
