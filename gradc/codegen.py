@@ -472,7 +472,7 @@ class FunctionLowering:
         dots = plan.kind == "dots"
         extra = {}
         if dots:
-            lanes = schedule.LANES if self.ctype == "float" else schedule.LANES // 2
+            lanes = _fit(schedule.LANES if self.ctype == "float" else schedule.LANES // 2, node.loop[reds[-1]])
             extra = dict(
                 lanes=lanes,
                 l=local.take("l"),
@@ -487,8 +487,8 @@ class FunctionLowering:
             row=(loop_vars[row], self.index(node.loop[row])) if row is not None else None,
             col=(loop_vars[col], self.index(node.loop[col])),
             reds=[(loop_vars[v], self.index(node.loop[v])) for v in reds],
-            rows=(schedule.TILE_DOTS if dots else schedule.TILE_ROWS) if row is not None else 1,
-            cols=schedule.TILE_DOTS if dots else schedule.TILE_COLS if self.ctype == "float" else schedule.TILE_COLS // 2,
+            rows=_fit((schedule.TILE_DOTS if dots else schedule.TILE_ROWS) if row is not None else 1, node.loop[row] if row is not None else None),
+            cols=_fit(schedule.TILE_DOTS if dots else schedule.TILE_COLS if self.ctype == "float" else schedule.TILE_COLS // 2, node.loop[col]),
             blocked=blocked,
             block_size=schedule.BLOCK,
             ctype=self.ctype,
@@ -557,6 +557,11 @@ class FunctionLowering:
         var = sp.Symbol(e, integer=True)
         math = NestMath(sp.IndexedBase(name)[var], None, [], sp.IndexedBase(src)[var], [], sp.IndexedBase(src)[var], sorted(node.sources))
         return Nest([f"{name} = {src} (output copy)"], [], [(e, size)], 0, [], [f"{name}[{e}] = {src}[{e}];"], [], [], 0, None, [math])
+
+
+def _fit(size: int, extent) -> int:
+    """A tile side no longer than a fixed extent (ten classes: a tile of 10, not 32 with no full tile)."""
+    return int(extent) if extent is not None and extent.is_Integer and 0 < int(extent) < size else size
 
 
 def repr_affine(a: ir.Affine, loop_vars) -> str:

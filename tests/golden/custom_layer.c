@@ -281,36 +281,87 @@ int custom_layer_value_and_grad(
     out[0] = (float)acc_out;
 
     /* d_X[n, k] += W[k, m]*d_matmul[n, m]   (over m)   [custom_layer.py: line 15] */
-    for (ptrdiff_t n = 0; n < N; ++n) {
-        for (ptrdiff_t k = 0; k < K; ++k) {
-            double acc_d_X = 0;
-            for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
-                const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
-                float lanes_d_X[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_d_X[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t col_full = K / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                double wide[4][4];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < M; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
+                    float tile[4][4][16];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 4; ++gj)
+                            for (int l = 0; l < 16; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t m_lane = blk;
+                    for (; m_lane + 16 <= blk_end; m_lane += 16) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                for (int l = 0; l < 16; ++l) {
+                                    const ptrdiff_t n = row0 + gi;
+                                    const ptrdiff_t k = col0 + gj;
+                                    const ptrdiff_t m = m_lane + l;
+                                    const float d_matmul_nm = d_matmul[M*n + m];
+                                    const float W_km = W[M*k + m];
+                                    const float term_d_X = W_km*d_matmul_nm;
+                                    tile[gi][gj][l] += term_d_X;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t n = row0 + gi;
+                            const ptrdiff_t k = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 16; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t m = m_lane; m < blk_end; ++m) {
+                                const float d_matmul_nm = d_matmul[M*n + m];
+                                const float W_km = W[M*k + m];
+                                const float term_d_X = W_km*d_matmul_nm;
+                                part += term_d_X;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t m_lane = m_block;
-                for (; m_lane + 16 <= m_end; m_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t m = m_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t k = col0 + gj;
+                        d_X[K*n + k] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t n = row0 + gi;
+                for (ptrdiff_t k = col_full; k < K; ++k) {
+                    double acc = 0;
+                    for (ptrdiff_t m = 0; m < M; ++m) {
                         const float d_matmul_nm = d_matmul[M*n + m];
                         const float W_km = W[M*k + m];
                         const float term_d_X = W_km*d_matmul_nm;
-                        lanes_d_X[gradc_l] += term_d_X;
+                        acc += term_d_X;
                     }
+                    d_X[K*n + k] = (float)acc;
                 }
-                float part_d_X = lanes_d_X[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_d_X += lanes_d_X[gradc_l];
-                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t n = row_full; n < N; ++n) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                double acc = 0;
+                for (ptrdiff_t m = 0; m < M; ++m) {
                     const float d_matmul_nm = d_matmul[M*n + m];
                     const float W_km = W[M*k + m];
                     const float term_d_X = W_km*d_matmul_nm;
-                    part_d_X += term_d_X;
+                    acc += term_d_X;
                 }
-                acc_d_X += part_d_X;
+                d_X[K*n + k] = (float)acc;
             }
-            d_X[K*n + k] = (float)acc_d_X;
         }
     }
 
@@ -508,36 +559,87 @@ int custom_layer_vjp(
     out[0] = (float)acc_out;
 
     /* d_X[n, k] += W[k, m]*d_matmul[n, m]   (over m)   [custom_layer.py: line 15] */
-    for (ptrdiff_t n = 0; n < N; ++n) {
-        for (ptrdiff_t k = 0; k < K; ++k) {
-            double acc_d_X = 0;
-            for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
-                const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
-                float lanes_d_X[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_d_X[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t col_full = K / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                double wide[4][4];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < M; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
+                    float tile[4][4][16];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 4; ++gj)
+                            for (int l = 0; l < 16; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t m_lane = blk;
+                    for (; m_lane + 16 <= blk_end; m_lane += 16) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                for (int l = 0; l < 16; ++l) {
+                                    const ptrdiff_t n = row0 + gi;
+                                    const ptrdiff_t k = col0 + gj;
+                                    const ptrdiff_t m = m_lane + l;
+                                    const float d_matmul_nm = d_matmul[M*n + m];
+                                    const float W_km = W[M*k + m];
+                                    const float term_d_X = W_km*d_matmul_nm;
+                                    tile[gi][gj][l] += term_d_X;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t n = row0 + gi;
+                            const ptrdiff_t k = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 16; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t m = m_lane; m < blk_end; ++m) {
+                                const float d_matmul_nm = d_matmul[M*n + m];
+                                const float W_km = W[M*k + m];
+                                const float term_d_X = W_km*d_matmul_nm;
+                                part += term_d_X;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t m_lane = m_block;
-                for (; m_lane + 16 <= m_end; m_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t m = m_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t k = col0 + gj;
+                        d_X[K*n + k] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t n = row0 + gi;
+                for (ptrdiff_t k = col_full; k < K; ++k) {
+                    double acc = 0;
+                    for (ptrdiff_t m = 0; m < M; ++m) {
                         const float d_matmul_nm = d_matmul[M*n + m];
                         const float W_km = W[M*k + m];
                         const float term_d_X = W_km*d_matmul_nm;
-                        lanes_d_X[gradc_l] += term_d_X;
+                        acc += term_d_X;
                     }
+                    d_X[K*n + k] = (float)acc;
                 }
-                float part_d_X = lanes_d_X[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_d_X += lanes_d_X[gradc_l];
-                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t n = row_full; n < N; ++n) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                double acc = 0;
+                for (ptrdiff_t m = 0; m < M; ++m) {
                     const float d_matmul_nm = d_matmul[M*n + m];
                     const float W_km = W[M*k + m];
                     const float term_d_X = W_km*d_matmul_nm;
-                    part_d_X += term_d_X;
+                    acc += term_d_X;
                 }
-                acc_d_X += part_d_X;
+                d_X[K*n + k] = (float)acc;
             }
-            d_X[K*n + k] = (float)acc_d_X;
         }
     }
 
@@ -1013,40 +1115,95 @@ int custom_layer_hvp(
     }
 
     /* hv_X[n, k] += W[k, m]*t_d_matmul[n, m] + d_matmul[n, m]*v_W[k, m]   (over m)   [custom_layer.py: line 15] */
-    for (ptrdiff_t n = 0; n < N; ++n) {
-        for (ptrdiff_t k = 0; k < K; ++k) {
-            double acc_hv_X = 0;
-            for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
-                const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
-                float lanes_hv_X[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_hv_X[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t col_full = K / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                double wide[4][4];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < M; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
+                    float tile[4][4][16];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 4; ++gj)
+                            for (int l = 0; l < 16; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t m_lane = blk;
+                    for (; m_lane + 16 <= blk_end; m_lane += 16) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                for (int l = 0; l < 16; ++l) {
+                                    const ptrdiff_t n = row0 + gi;
+                                    const ptrdiff_t k = col0 + gj;
+                                    const ptrdiff_t m = m_lane + l;
+                                    const float d_matmul_nm = d_matmul[M*n + m];
+                                    const float W_km = W[M*k + m];
+                                    const float t_d_matmul_nm = t_d_matmul[M*n + m];
+                                    const float v_W_km = v_W[M*k + m];
+                                    const float term_hv_X = W_km*t_d_matmul_nm + d_matmul_nm*v_W_km;
+                                    tile[gi][gj][l] += term_hv_X;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t n = row0 + gi;
+                            const ptrdiff_t k = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 16; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t m = m_lane; m < blk_end; ++m) {
+                                const float d_matmul_nm = d_matmul[M*n + m];
+                                const float W_km = W[M*k + m];
+                                const float t_d_matmul_nm = t_d_matmul[M*n + m];
+                                const float v_W_km = v_W[M*k + m];
+                                const float term_hv_X = W_km*t_d_matmul_nm + d_matmul_nm*v_W_km;
+                                part += term_hv_X;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t m_lane = m_block;
-                for (; m_lane + 16 <= m_end; m_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t m = m_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t k = col0 + gj;
+                        hv_X[K*n + k] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t n = row0 + gi;
+                for (ptrdiff_t k = col_full; k < K; ++k) {
+                    double acc = 0;
+                    for (ptrdiff_t m = 0; m < M; ++m) {
                         const float d_matmul_nm = d_matmul[M*n + m];
                         const float W_km = W[M*k + m];
                         const float t_d_matmul_nm = t_d_matmul[M*n + m];
                         const float v_W_km = v_W[M*k + m];
                         const float term_hv_X = W_km*t_d_matmul_nm + d_matmul_nm*v_W_km;
-                        lanes_hv_X[gradc_l] += term_hv_X;
+                        acc += term_hv_X;
                     }
+                    hv_X[K*n + k] = (float)acc;
                 }
-                float part_hv_X = lanes_hv_X[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_hv_X += lanes_hv_X[gradc_l];
-                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t n = row_full; n < N; ++n) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                double acc = 0;
+                for (ptrdiff_t m = 0; m < M; ++m) {
                     const float d_matmul_nm = d_matmul[M*n + m];
                     const float W_km = W[M*k + m];
                     const float t_d_matmul_nm = t_d_matmul[M*n + m];
                     const float v_W_km = v_W[M*k + m];
                     const float term_hv_X = W_km*t_d_matmul_nm + d_matmul_nm*v_W_km;
-                    part_hv_X += term_hv_X;
+                    acc += term_hv_X;
                 }
-                acc_hv_X += part_hv_X;
+                hv_X[K*n + k] = (float)acc;
             }
-            hv_X[K*n + k] = (float)acc_hv_X;
         }
     }
 

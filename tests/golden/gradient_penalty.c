@@ -73,36 +73,87 @@ int gradient_penalty_forward(
     float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
-    for (ptrdiff_t i = 0; i < B; ++i) {
-        for (ptrdiff_t j = 0; j < 3; ++j) {
-            double acc_matmul = 0;
-            for (ptrdiff_t k_block = 0; k_block < 4; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 4 ? k_block + 256 : 4;
-                float lanes_matmul[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_matmul[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t col_full = 3 / 3 * 3;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                double wide[4][3];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    float tile[4][3][4];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 3; ++gj)
+                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                for (int l = 0; l < 4; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    const float input_ik = input[4*i + k];
+                                    const float Wt_jk = Wt[4*j + k];
+                                    const float term_matmul = Wt_jk*input_ik;
+                                    tile[gi][gj][l] += term_matmul;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = Wt[4*j + k];
+                                const float term_matmul = Wt_jk*input_ik;
+                                part += term_matmul;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 3; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 4; ++k) {
                         const float input_ik = input[4*i + k];
                         const float Wt_jk = Wt[4*j + k];
                         const float term_matmul = Wt_jk*input_ik;
-                        lanes_matmul[gradc_l] += term_matmul;
+                        acc += term_matmul;
                     }
+                    matmul[3*i + j] = (float)acc;
                 }
-                float part_matmul = lanes_matmul[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_matmul += lanes_matmul[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < B; ++i) {
+            for (ptrdiff_t j = 0; j < 3; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
                     const float Wt_jk = Wt[4*j + k];
                     const float term_matmul = Wt_jk*input_ik;
-                    part_matmul += term_matmul;
+                    acc += term_matmul;
                 }
-                acc_matmul += part_matmul;
+                matmul[3*i + j] = (float)acc;
             }
-            matmul[3*i + j] = (float)acc_matmul;
         }
     }
 
@@ -142,21 +193,21 @@ int gradient_penalty_forward(
 
     /* d_x[i, j] += Wt[k, j]   (over k)   [gradient_penalty.py: lines 17, 21] */
     {
-        const ptrdiff_t row_full = 1 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 (void)i;
                                 const ptrdiff_t j = col0 + gj;
@@ -166,11 +217,11 @@ int gradient_penalty_forward(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_x[4*i + j] = (float)wide[gi][gj];
@@ -178,7 +229,7 @@ int gradient_penalty_forward(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 1; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 (void)i;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
@@ -236,7 +287,7 @@ int gradient_penalty_forward(
         sum[i] = (float)acc_sum;
     }
 
-    /* norms += B*(sqrt(sum[0]) - 1)**2   (over i)   [gradient_penalty.py: lines 22, 23] */
+    /* norms += Piecewise((0, Eq(B, 0)), (B*(sqrt(sum[0]) - 1)**2, True))   (over i)   [gradient_penalty.py: lines 22, 23] */
     double acc_norms = 0;
     for (ptrdiff_t i_block = 0; i_block < 1; i_block += 256) {
         const ptrdiff_t i_end = i_block + 256 < 1 ? i_block + 256 : 1;
@@ -250,7 +301,7 @@ int gradient_penalty_forward(
                 const ptrdiff_t i = i_lane + gradc_l;
                 (void)i;
                 const float sum_0 = sum[0];
-                const float term_norms = ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1));
+                const float term_norms = ((((float)B) == 0) ? 0 : ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1)));
                 lanes_norms[gradc_l] += term_norms;
             }
         }
@@ -258,7 +309,7 @@ int gradient_penalty_forward(
         for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_norms += lanes_norms[gradc_l];
         for (ptrdiff_t i = i_lane; i < i_end; ++i) {
             const float sum_0 = sum[0];
-            const float term_norms = ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1));
+            const float term_norms = ((((float)B) == 0) ? 0 : ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1)));
             part_norms += term_norms;
         }
         acc_norms += part_norms;
@@ -304,36 +355,87 @@ int gradient_penalty_value_and_grad(
     float *restrict d_Wt_2 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 12 elements */
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
-    for (ptrdiff_t i = 0; i < B; ++i) {
-        for (ptrdiff_t j = 0; j < 3; ++j) {
-            double acc_matmul = 0;
-            for (ptrdiff_t k_block = 0; k_block < 4; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 4 ? k_block + 256 : 4;
-                float lanes_matmul[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_matmul[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t col_full = 3 / 3 * 3;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                double wide[4][3];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    float tile[4][3][4];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 3; ++gj)
+                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                for (int l = 0; l < 4; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    const float input_ik = input[4*i + k];
+                                    const float Wt_jk = Wt[4*j + k];
+                                    const float term_matmul = Wt_jk*input_ik;
+                                    tile[gi][gj][l] += term_matmul;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = Wt[4*j + k];
+                                const float term_matmul = Wt_jk*input_ik;
+                                part += term_matmul;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 3; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 4; ++k) {
                         const float input_ik = input[4*i + k];
                         const float Wt_jk = Wt[4*j + k];
                         const float term_matmul = Wt_jk*input_ik;
-                        lanes_matmul[gradc_l] += term_matmul;
+                        acc += term_matmul;
                     }
+                    matmul[3*i + j] = (float)acc;
                 }
-                float part_matmul = lanes_matmul[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_matmul += lanes_matmul[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < B; ++i) {
+            for (ptrdiff_t j = 0; j < 3; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
                     const float Wt_jk = Wt[4*j + k];
                     const float term_matmul = Wt_jk*input_ik;
-                    part_matmul += term_matmul;
+                    acc += term_matmul;
                 }
-                acc_matmul += part_matmul;
+                matmul[3*i + j] = (float)acc;
             }
-            matmul[3*i + j] = (float)acc_matmul;
         }
     }
 
@@ -373,21 +475,21 @@ int gradient_penalty_value_and_grad(
 
     /* d_x[i, j] += Wt[k, j]   (over k)   [gradient_penalty.py: lines 17, 21] */
     {
-        const ptrdiff_t row_full = 1 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 (void)i;
                                 const ptrdiff_t j = col0 + gj;
@@ -397,11 +499,11 @@ int gradient_penalty_value_and_grad(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_x[4*i + j] = (float)wide[gi][gj];
@@ -409,7 +511,7 @@ int gradient_penalty_value_and_grad(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 1; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 (void)i;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
@@ -467,7 +569,7 @@ int gradient_penalty_value_and_grad(
         sum[i] = (float)acc_sum;
     }
 
-    /* norms += B*(sqrt(sum[0]) - 1)**2   (over i)   [gradient_penalty.py: lines 22, 23] */
+    /* norms += Piecewise((0, Eq(B, 0)), (B*(sqrt(sum[0]) - 1)**2, True))   (over i)   [gradient_penalty.py: lines 22, 23] */
     double acc_norms = 0;
     for (ptrdiff_t i_block = 0; i_block < 1; i_block += 256) {
         const ptrdiff_t i_end = i_block + 256 < 1 ? i_block + 256 : 1;
@@ -481,7 +583,7 @@ int gradient_penalty_value_and_grad(
                 const ptrdiff_t i = i_lane + gradc_l;
                 (void)i;
                 const float sum_0 = sum[0];
-                const float term_norms = ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1));
+                const float term_norms = ((((float)B) == 0) ? 0 : ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1)));
                 lanes_norms[gradc_l] += term_norms;
             }
         }
@@ -489,7 +591,7 @@ int gradient_penalty_value_and_grad(
         for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_norms += lanes_norms[gradc_l];
         for (ptrdiff_t i = i_lane; i < i_end; ++i) {
             const float sum_0 = sum[0];
-            const float term_norms = ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1));
+            const float term_norms = ((((float)B) == 0) ? 0 : ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1)));
             part_norms += term_norms;
         }
         acc_norms += part_norms;
@@ -523,20 +625,20 @@ int gradient_penalty_value_and_grad(
     /* d_input[i, j] += Wt[k, j]*d_matmul[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
         const ptrdiff_t row_full = B / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
+        const ptrdiff_t col_full = 4 / 4 * 4;
         for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[4][4];
+                double wide[4][4];
                 for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
                     for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
                         for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
                                 const float d_matmul_ik = d_matmul[3*i + k];
@@ -547,10 +649,10 @@ int gradient_penalty_value_and_grad(
                         }
                     }
                     for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_input[4*i + j] = (float)wide[gi][gj];
@@ -594,58 +696,111 @@ int gradient_penalty_value_and_grad(
         d_sum[i] = (t0 - 1)/(((float)B)*t0);
     }
 
-    /* d_Wt_1[i, j] += 2*B*d_sum[0]*d_x[0, j]   (over k)   [gradient_penalty.py: lines 17, 22] */
-    for (ptrdiff_t i = 0; i < 1; ++i) {
-        for (ptrdiff_t j = 0; j < 4; ++j) {
-            double acc_d_Wt_1 = 0;
-            for (ptrdiff_t k_block = 0; k_block < 1; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 1 ? k_block + 256 : 1;
-                float lanes_d_Wt_1[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_d_Wt_1[gradc_l] = 0;
-                }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
-                        (void)k;
-                        const float d_sum_0 = d_sum[0];
-                        const float d_x_0j = d_x[j];
-                        const float term_d_Wt_1 = 2*((float)B)*d_sum_0*d_x_0j;
-                        lanes_d_Wt_1[gradc_l] += term_d_Wt_1;
+    /* d_Wt_1[i, j] += Piecewise((0, Eq(B, 0)), (2*B*d_sum[0]*d_x[0, j], True))   (over k)   [gradient_penalty.py: lines 17, 22] */
+    {
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 1; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 1 ? blk + 256 : 1;
+                    float tile[1][4][1];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj)
+                            for (int l = 0; l < 1; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 1 <= blk_end; k_lane += 1) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                for (int l = 0; l < 1; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    (void)i;
+                                    (void)k;
+                                    const float d_sum_0 = d_sum[0];
+                                    const float d_x_0j = d_x[j];
+                                    const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
+                                    tile[gi][gj][l] += term_d_Wt_1;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 1; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                (void)i;
+                                const float d_sum_0 = d_sum[0];
+                                const float d_x_0j = d_x[j];
+                                const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
+                                part += term_d_Wt_1;
+                            }
+                            wide[gi][gj] += part;
+                        }
                     }
                 }
-                float part_d_Wt_1 = lanes_d_Wt_1[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_d_Wt_1 += lanes_d_Wt_1[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_Wt_1[4*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 1; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 4; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 1; ++k) {
+                        const float d_sum_0 = d_sum[0];
+                        const float d_x_0j = d_x[j];
+                        const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
+                        acc += term_d_Wt_1;
+                    }
+                    d_Wt_1[4*i + j] = (float)acc;
+                }
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < 1; ++i) {
+            for (ptrdiff_t j = 0; j < 4; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 1; ++k) {
                     const float d_sum_0 = d_sum[0];
                     const float d_x_0j = d_x[j];
-                    const float term_d_Wt_1 = 2*((float)B)*d_sum_0*d_x_0j;
-                    part_d_Wt_1 += term_d_Wt_1;
+                    const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
+                    acc += term_d_Wt_1;
                 }
-                acc_d_Wt_1 += part_d_Wt_1;
+                d_Wt_1[4*i + j] = (float)acc;
             }
-            d_Wt_1[4*i + j] = (float)acc_d_Wt_1;
         }
     }
 
     /* d_Wt_2[i, j] += d_matmul[k, i]*input[k, j]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = 3 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 3 / 3 * 3;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[3][4];
+                double wide[3][4];
+                for (int gi = 0; gi < 3; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < B; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 3; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 3; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
                                 const float d_matmul_ki = d_matmul[i + 3*k];
@@ -655,11 +810,11 @@ int gradient_penalty_value_and_grad(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 3; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 3; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_Wt_2[4*i + j] = (float)wide[gi][gj];
@@ -667,7 +822,7 @@ int gradient_penalty_value_and_grad(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 3; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
                     double acc = 0;
@@ -707,22 +862,22 @@ int gradient_penalty_value_and_grad(
 
     /* d_b[i] += d_out*(2*b[i] + 2*matmul[j, i] - 2*target[j, i])   (over j)   [gradient_penalty.py: line 20] */
     {
-        const ptrdiff_t col_full = 3 / 32 * 32;
+        const ptrdiff_t col_full = 3 / 3 * 3;
         {
             const ptrdiff_t row0 = 0;
             (void)row0;
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[1][32];
-                double wide[1][32];
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                float tile[1][3];
+                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < B; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
                     for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t j = blk; j < blk_end; ++j) {
                         for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                            for (int gj = 0; gj < 3; ++gj) {
                                 const ptrdiff_t i = col0 + gj;
                                 const float d_out_ = d_out[0];
                                 const float matmul_ji = matmul[i + 3*j];
@@ -734,10 +889,10 @@ int gradient_penalty_value_and_grad(
                         }
                     }
                     for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                    for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = col0 + gj;
                         d_b[i] = (float)wide[gi][gj];
                     }
@@ -805,36 +960,87 @@ int gradient_penalty_vjp(
     float *restrict d_Wt_2 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 12 elements */
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
-    for (ptrdiff_t i = 0; i < B; ++i) {
-        for (ptrdiff_t j = 0; j < 3; ++j) {
-            double acc_matmul = 0;
-            for (ptrdiff_t k_block = 0; k_block < 4; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 4 ? k_block + 256 : 4;
-                float lanes_matmul[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_matmul[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t col_full = 3 / 3 * 3;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                double wide[4][3];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    float tile[4][3][4];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 3; ++gj)
+                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                for (int l = 0; l < 4; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    const float input_ik = input[4*i + k];
+                                    const float Wt_jk = Wt[4*j + k];
+                                    const float term_matmul = Wt_jk*input_ik;
+                                    tile[gi][gj][l] += term_matmul;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = Wt[4*j + k];
+                                const float term_matmul = Wt_jk*input_ik;
+                                part += term_matmul;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 3; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 4; ++k) {
                         const float input_ik = input[4*i + k];
                         const float Wt_jk = Wt[4*j + k];
                         const float term_matmul = Wt_jk*input_ik;
-                        lanes_matmul[gradc_l] += term_matmul;
+                        acc += term_matmul;
                     }
+                    matmul[3*i + j] = (float)acc;
                 }
-                float part_matmul = lanes_matmul[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_matmul += lanes_matmul[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < B; ++i) {
+            for (ptrdiff_t j = 0; j < 3; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
                     const float Wt_jk = Wt[4*j + k];
                     const float term_matmul = Wt_jk*input_ik;
-                    part_matmul += term_matmul;
+                    acc += term_matmul;
                 }
-                acc_matmul += part_matmul;
+                matmul[3*i + j] = (float)acc;
             }
-            matmul[3*i + j] = (float)acc_matmul;
         }
     }
 
@@ -874,21 +1080,21 @@ int gradient_penalty_vjp(
 
     /* d_x[i, j] += Wt[k, j]   (over k)   [gradient_penalty.py: lines 17, 21] */
     {
-        const ptrdiff_t row_full = 1 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 (void)i;
                                 const ptrdiff_t j = col0 + gj;
@@ -898,11 +1104,11 @@ int gradient_penalty_vjp(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_x[4*i + j] = (float)wide[gi][gj];
@@ -910,7 +1116,7 @@ int gradient_penalty_vjp(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 1; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 (void)i;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
@@ -968,7 +1174,7 @@ int gradient_penalty_vjp(
         sum[i] = (float)acc_sum;
     }
 
-    /* norms += B*(sqrt(sum[0]) - 1)**2   (over i)   [gradient_penalty.py: lines 22, 23] */
+    /* norms += Piecewise((0, Eq(B, 0)), (B*(sqrt(sum[0]) - 1)**2, True))   (over i)   [gradient_penalty.py: lines 22, 23] */
     double acc_norms = 0;
     for (ptrdiff_t i_block = 0; i_block < 1; i_block += 256) {
         const ptrdiff_t i_end = i_block + 256 < 1 ? i_block + 256 : 1;
@@ -982,7 +1188,7 @@ int gradient_penalty_vjp(
                 const ptrdiff_t i = i_lane + gradc_l;
                 (void)i;
                 const float sum_0 = sum[0];
-                const float term_norms = ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1));
+                const float term_norms = ((((float)B) == 0) ? 0 : ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1)));
                 lanes_norms[gradc_l] += term_norms;
             }
         }
@@ -990,7 +1196,7 @@ int gradient_penalty_vjp(
         for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_norms += lanes_norms[gradc_l];
         for (ptrdiff_t i = i_lane; i < i_end; ++i) {
             const float sum_0 = sum[0];
-            const float term_norms = ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1));
+            const float term_norms = ((((float)B) == 0) ? 0 : ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1)));
             part_norms += term_norms;
         }
         acc_norms += part_norms;
@@ -1025,20 +1231,20 @@ int gradient_penalty_vjp(
     /* d_input[i, j] += Wt[k, j]*d_matmul[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
         const ptrdiff_t row_full = B / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
+        const ptrdiff_t col_full = 4 / 4 * 4;
         for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[4][4];
+                double wide[4][4];
                 for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
                     for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
                         for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
                                 const float d_matmul_ik = d_matmul[3*i + k];
@@ -1049,10 +1255,10 @@ int gradient_penalty_vjp(
                         }
                     }
                     for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_input[4*i + j] = (float)wide[gi][gj];
@@ -1097,58 +1303,111 @@ int gradient_penalty_vjp(
         d_sum[i] = ct_out_*(t0 - 1)/(((float)B)*t0);
     }
 
-    /* d_Wt_1[i, j] += 2*B*d_sum[0]*d_x[0, j]   (over k)   [gradient_penalty.py: lines 17, 22] */
-    for (ptrdiff_t i = 0; i < 1; ++i) {
-        for (ptrdiff_t j = 0; j < 4; ++j) {
-            double acc_d_Wt_1 = 0;
-            for (ptrdiff_t k_block = 0; k_block < 1; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 1 ? k_block + 256 : 1;
-                float lanes_d_Wt_1[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_d_Wt_1[gradc_l] = 0;
-                }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
-                        (void)k;
-                        const float d_sum_0 = d_sum[0];
-                        const float d_x_0j = d_x[j];
-                        const float term_d_Wt_1 = 2*((float)B)*d_sum_0*d_x_0j;
-                        lanes_d_Wt_1[gradc_l] += term_d_Wt_1;
+    /* d_Wt_1[i, j] += Piecewise((0, Eq(B, 0)), (2*B*d_sum[0]*d_x[0, j], True))   (over k)   [gradient_penalty.py: lines 17, 22] */
+    {
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 1; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 1 ? blk + 256 : 1;
+                    float tile[1][4][1];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj)
+                            for (int l = 0; l < 1; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 1 <= blk_end; k_lane += 1) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                for (int l = 0; l < 1; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    (void)i;
+                                    (void)k;
+                                    const float d_sum_0 = d_sum[0];
+                                    const float d_x_0j = d_x[j];
+                                    const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
+                                    tile[gi][gj][l] += term_d_Wt_1;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 1; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                (void)i;
+                                const float d_sum_0 = d_sum[0];
+                                const float d_x_0j = d_x[j];
+                                const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
+                                part += term_d_Wt_1;
+                            }
+                            wide[gi][gj] += part;
+                        }
                     }
                 }
-                float part_d_Wt_1 = lanes_d_Wt_1[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_d_Wt_1 += lanes_d_Wt_1[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_Wt_1[4*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 1; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 4; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 1; ++k) {
+                        const float d_sum_0 = d_sum[0];
+                        const float d_x_0j = d_x[j];
+                        const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
+                        acc += term_d_Wt_1;
+                    }
+                    d_Wt_1[4*i + j] = (float)acc;
+                }
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < 1; ++i) {
+            for (ptrdiff_t j = 0; j < 4; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 1; ++k) {
                     const float d_sum_0 = d_sum[0];
                     const float d_x_0j = d_x[j];
-                    const float term_d_Wt_1 = 2*((float)B)*d_sum_0*d_x_0j;
-                    part_d_Wt_1 += term_d_Wt_1;
+                    const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
+                    acc += term_d_Wt_1;
                 }
-                acc_d_Wt_1 += part_d_Wt_1;
+                d_Wt_1[4*i + j] = (float)acc;
             }
-            d_Wt_1[4*i + j] = (float)acc_d_Wt_1;
         }
     }
 
     /* d_Wt_2[i, j] += d_matmul[k, i]*input[k, j]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = 3 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 3 / 3 * 3;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[3][4];
+                double wide[3][4];
+                for (int gi = 0; gi < 3; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < B; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 3; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 3; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
                                 const float d_matmul_ki = d_matmul[i + 3*k];
@@ -1158,11 +1417,11 @@ int gradient_penalty_vjp(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 3; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 3; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_Wt_2[4*i + j] = (float)wide[gi][gj];
@@ -1170,7 +1429,7 @@ int gradient_penalty_vjp(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 3; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
                     double acc = 0;
@@ -1210,22 +1469,22 @@ int gradient_penalty_vjp(
 
     /* d_b[i] += d_out*(2*b[i] + 2*matmul[j, i] - 2*target[j, i])   (over j)   [gradient_penalty.py: line 20] */
     {
-        const ptrdiff_t col_full = 3 / 32 * 32;
+        const ptrdiff_t col_full = 3 / 3 * 3;
         {
             const ptrdiff_t row0 = 0;
             (void)row0;
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[1][32];
-                double wide[1][32];
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                float tile[1][3];
+                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < B; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
                     for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t j = blk; j < blk_end; ++j) {
                         for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                            for (int gj = 0; gj < 3; ++gj) {
                                 const ptrdiff_t i = col0 + gj;
                                 const float d_out_ = d_out[0];
                                 const float matmul_ji = matmul[i + 3*j];
@@ -1237,10 +1496,10 @@ int gradient_penalty_vjp(
                         }
                     }
                     for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                    for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = col0 + gj;
                         d_b[i] = (float)wide[gi][gj];
                     }
@@ -1308,36 +1567,87 @@ int gradient_penalty_jvp(
     float *restrict t_norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
-    for (ptrdiff_t i = 0; i < B; ++i) {
-        for (ptrdiff_t j = 0; j < 3; ++j) {
-            double acc_matmul = 0;
-            for (ptrdiff_t k_block = 0; k_block < 4; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 4 ? k_block + 256 : 4;
-                float lanes_matmul[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_matmul[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t col_full = 3 / 3 * 3;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                double wide[4][3];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    float tile[4][3][4];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 3; ++gj)
+                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                for (int l = 0; l < 4; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    const float input_ik = input[4*i + k];
+                                    const float Wt_jk = Wt[4*j + k];
+                                    const float term_matmul = Wt_jk*input_ik;
+                                    tile[gi][gj][l] += term_matmul;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = Wt[4*j + k];
+                                const float term_matmul = Wt_jk*input_ik;
+                                part += term_matmul;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 3; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 4; ++k) {
                         const float input_ik = input[4*i + k];
                         const float Wt_jk = Wt[4*j + k];
                         const float term_matmul = Wt_jk*input_ik;
-                        lanes_matmul[gradc_l] += term_matmul;
+                        acc += term_matmul;
                     }
+                    matmul[3*i + j] = (float)acc;
                 }
-                float part_matmul = lanes_matmul[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_matmul += lanes_matmul[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < B; ++i) {
+            for (ptrdiff_t j = 0; j < 3; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
                     const float Wt_jk = Wt[4*j + k];
                     const float term_matmul = Wt_jk*input_ik;
-                    part_matmul += term_matmul;
+                    acc += term_matmul;
                 }
-                acc_matmul += part_matmul;
+                matmul[3*i + j] = (float)acc;
             }
-            matmul[3*i + j] = (float)acc_matmul;
         }
     }
 
@@ -1377,21 +1687,21 @@ int gradient_penalty_jvp(
 
     /* d_x[i, j] += Wt[k, j]   (over k)   [gradient_penalty.py: lines 17, 21] */
     {
-        const ptrdiff_t row_full = 1 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 (void)i;
                                 const ptrdiff_t j = col0 + gj;
@@ -1401,11 +1711,11 @@ int gradient_penalty_jvp(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_x[4*i + j] = (float)wide[gi][gj];
@@ -1413,7 +1723,7 @@ int gradient_penalty_jvp(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 1; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 (void)i;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
@@ -1471,7 +1781,7 @@ int gradient_penalty_jvp(
         sum[i] = (float)acc_sum;
     }
 
-    /* norms += B*(sqrt(sum[0]) - 1)**2   (over i)   [gradient_penalty.py: lines 22, 23] */
+    /* norms += Piecewise((0, Eq(B, 0)), (B*(sqrt(sum[0]) - 1)**2, True))   (over i)   [gradient_penalty.py: lines 22, 23] */
     double acc_norms = 0;
     for (ptrdiff_t i_block = 0; i_block < 1; i_block += 256) {
         const ptrdiff_t i_end = i_block + 256 < 1 ? i_block + 256 : 1;
@@ -1485,7 +1795,7 @@ int gradient_penalty_jvp(
                 const ptrdiff_t i = i_lane + gradc_l;
                 (void)i;
                 const float sum_0 = sum[0];
-                const float term_norms = ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1));
+                const float term_norms = ((((float)B) == 0) ? 0 : ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1)));
                 lanes_norms[gradc_l] += term_norms;
             }
         }
@@ -1493,7 +1803,7 @@ int gradient_penalty_jvp(
         for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_norms += lanes_norms[gradc_l];
         for (ptrdiff_t i = i_lane; i < i_end; ++i) {
             const float sum_0 = sum[0];
-            const float term_norms = ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1));
+            const float term_norms = ((((float)B) == 0) ? 0 : ((float)B)*((sqrtf(sum_0) - 1)*(sqrtf(sum_0) - 1)));
             part_norms += term_norms;
         }
         acc_norms += part_norms;
@@ -1509,40 +1819,95 @@ int gradient_penalty_jvp(
     }
 
     /* t_matmul[i, j] += Wt[j, k]*t_input[i, k] + input[i, k]*t_Wt[j, k]   (over k)   [gradient_penalty.py: line 17] */
-    for (ptrdiff_t i = 0; i < B; ++i) {
-        for (ptrdiff_t j = 0; j < 3; ++j) {
-            double acc_t_matmul = 0;
-            for (ptrdiff_t k_block = 0; k_block < 4; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 4 ? k_block + 256 : 4;
-                float lanes_t_matmul[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_t_matmul[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t col_full = 3 / 3 * 3;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                double wide[4][3];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    float tile[4][3][4];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 3; ++gj)
+                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                for (int l = 0; l < 4; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    const float input_ik = input[4*i + k];
+                                    const float Wt_jk = Wt[4*j + k];
+                                    const float t_input_ik = t_input[4*i + k];
+                                    const float t_Wt_jk = t_Wt[4*j + k];
+                                    const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
+                                    tile[gi][gj][l] += term_t_matmul;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = Wt[4*j + k];
+                                const float t_input_ik = t_input[4*i + k];
+                                const float t_Wt_jk = t_Wt[4*j + k];
+                                const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
+                                part += term_t_matmul;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        t_matmul[3*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 3; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 4; ++k) {
                         const float input_ik = input[4*i + k];
                         const float Wt_jk = Wt[4*j + k];
                         const float t_input_ik = t_input[4*i + k];
                         const float t_Wt_jk = t_Wt[4*j + k];
                         const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
-                        lanes_t_matmul[gradc_l] += term_t_matmul;
+                        acc += term_t_matmul;
                     }
+                    t_matmul[3*i + j] = (float)acc;
                 }
-                float part_t_matmul = lanes_t_matmul[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_t_matmul += lanes_t_matmul[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < B; ++i) {
+            for (ptrdiff_t j = 0; j < 3; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
                     const float Wt_jk = Wt[4*j + k];
                     const float t_input_ik = t_input[4*i + k];
                     const float t_Wt_jk = t_Wt[4*j + k];
                     const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
-                    part_t_matmul += term_t_matmul;
+                    acc += term_t_matmul;
                 }
-                acc_t_matmul += part_t_matmul;
+                t_matmul[3*i + j] = (float)acc;
             }
-            t_matmul[3*i + j] = (float)acc_t_matmul;
         }
     }
 
@@ -1590,21 +1955,21 @@ int gradient_penalty_jvp(
 
     /* t_d_x[i, j] += t_Wt[k, j]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = 1 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 (void)i;
                                 const ptrdiff_t j = col0 + gj;
@@ -1614,11 +1979,11 @@ int gradient_penalty_jvp(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         t_d_x[4*i + j] = (float)wide[gi][gj];
@@ -1626,7 +1991,7 @@ int gradient_penalty_jvp(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 1; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 (void)i;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
@@ -1686,7 +2051,7 @@ int gradient_penalty_jvp(
         t_sum[i] = (float)acc_t_sum;
     }
 
-    /* t_norms += B*(sqrt(sum[0]) - 1)*t_sum[0]/sqrt(sum[0])   (over i)   [gradient_penalty.py: line 23] */
+    /* t_norms += Piecewise((0, Eq(B, 0)), (B*(sqrt(sum[0]) - 1)*t_sum[0]/sqrt(sum[0]), True))   (over i)   [gradient_penalty.py: line 23] */
     double acc_t_norms = 0;
     for (ptrdiff_t i_block = 0; i_block < 1; i_block += 256) {
         const ptrdiff_t i_end = i_block + 256 < 1 ? i_block + 256 : 1;
@@ -1702,7 +2067,7 @@ int gradient_penalty_jvp(
                 const float sum_0 = sum[0];
                 const float t_sum_0 = t_sum[0];
                 const float t0 = sqrtf(sum_0);
-                const float term_t_norms = ((float)B)*t_sum_0*(t0 - 1)/t0;
+                const float term_t_norms = ((((float)B) == 0) ? 0 : ((float)B)*t_sum_0*(t0 - 1)/t0);
                 lanes_t_norms[gradc_l] += term_t_norms;
             }
         }
@@ -1712,7 +2077,7 @@ int gradient_penalty_jvp(
             const float sum_0 = sum[0];
             const float t_sum_0 = t_sum[0];
             const float t0 = sqrtf(sum_0);
-            const float term_t_norms = ((float)B)*t_sum_0*(t0 - 1)/t0;
+            const float term_t_norms = ((((float)B) == 0) ? 0 : ((float)B)*t_sum_0*(t0 - 1)/t0);
             part_t_norms += term_t_norms;
         }
         acc_t_norms += part_t_norms;
@@ -1769,36 +2134,87 @@ int gradient_penalty_hvp(
     }
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
-    for (ptrdiff_t i = 0; i < B; ++i) {
-        for (ptrdiff_t j = 0; j < 3; ++j) {
-            double acc_matmul = 0;
-            for (ptrdiff_t k_block = 0; k_block < 4; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 4 ? k_block + 256 : 4;
-                float lanes_matmul[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_matmul[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t col_full = 3 / 3 * 3;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                double wide[4][3];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    float tile[4][3][4];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 3; ++gj)
+                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                for (int l = 0; l < 4; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    const float input_ik = input[4*i + k];
+                                    const float Wt_jk = Wt[4*j + k];
+                                    const float term_matmul = Wt_jk*input_ik;
+                                    tile[gi][gj][l] += term_matmul;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = Wt[4*j + k];
+                                const float term_matmul = Wt_jk*input_ik;
+                                part += term_matmul;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 3; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 4; ++k) {
                         const float input_ik = input[4*i + k];
                         const float Wt_jk = Wt[4*j + k];
                         const float term_matmul = Wt_jk*input_ik;
-                        lanes_matmul[gradc_l] += term_matmul;
+                        acc += term_matmul;
                     }
+                    matmul[3*i + j] = (float)acc;
                 }
-                float part_matmul = lanes_matmul[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_matmul += lanes_matmul[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < B; ++i) {
+            for (ptrdiff_t j = 0; j < 3; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
                     const float Wt_jk = Wt[4*j + k];
                     const float term_matmul = Wt_jk*input_ik;
-                    part_matmul += term_matmul;
+                    acc += term_matmul;
                 }
-                acc_matmul += part_matmul;
+                matmul[3*i + j] = (float)acc;
             }
-            matmul[3*i + j] = (float)acc_matmul;
         }
     }
 
@@ -1814,40 +2230,95 @@ int gradient_penalty_hvp(
     }
 
     /* t_matmul[i, j] += Wt[j, k]*v_input[i, k] + input[i, k]*v_Wt[j, k]   (over k)   [gradient_penalty.py: line 17] */
-    for (ptrdiff_t i = 0; i < B; ++i) {
-        for (ptrdiff_t j = 0; j < 3; ++j) {
-            double acc_t_matmul = 0;
-            for (ptrdiff_t k_block = 0; k_block < 4; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 4 ? k_block + 256 : 4;
-                float lanes_t_matmul[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_t_matmul[gradc_l] = 0;
+    {
+        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t col_full = 3 / 3 * 3;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                double wide[4][3];
+                for (int gi = 0; gi < 4; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    float tile[4][3][4];
+                    for (int gi = 0; gi < 4; ++gi)
+                        for (int gj = 0; gj < 3; ++gj)
+                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
+                        for (int gi = 0; gi < 4; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                for (int l = 0; l < 4; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    const float input_ik = input[4*i + k];
+                                    const float Wt_jk = Wt[4*j + k];
+                                    const float v_input_ik = v_input[4*i + k];
+                                    const float v_Wt_jk = v_Wt[4*j + k];
+                                    const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
+                                    tile[gi][gj][l] += term_t_matmul;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 4; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = Wt[4*j + k];
+                                const float v_input_ik = v_input[4*i + k];
+                                const float v_Wt_jk = v_Wt[4*j + k];
+                                const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
+                                part += term_t_matmul;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
+                for (int gi = 0; gi < 4; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        t_matmul[3*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 4; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 3; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 4; ++k) {
                         const float input_ik = input[4*i + k];
                         const float Wt_jk = Wt[4*j + k];
                         const float v_input_ik = v_input[4*i + k];
                         const float v_Wt_jk = v_Wt[4*j + k];
                         const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
-                        lanes_t_matmul[gradc_l] += term_t_matmul;
+                        acc += term_t_matmul;
                     }
+                    t_matmul[3*i + j] = (float)acc;
                 }
-                float part_t_matmul = lanes_t_matmul[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_t_matmul += lanes_t_matmul[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < B; ++i) {
+            for (ptrdiff_t j = 0; j < 3; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
                     const float Wt_jk = Wt[4*j + k];
                     const float v_input_ik = v_input[4*i + k];
                     const float v_Wt_jk = v_Wt[4*j + k];
                     const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
-                    part_t_matmul += term_t_matmul;
+                    acc += term_t_matmul;
                 }
-                acc_t_matmul += part_t_matmul;
+                t_matmul[3*i + j] = (float)acc;
             }
-            t_matmul[3*i + j] = (float)acc_t_matmul;
         }
     }
 
@@ -1866,20 +2337,20 @@ int gradient_penalty_hvp(
     /* hv_input[i, j] += Wt[k, j]*t_d_matmul[i, k] + d_matmul[i, k]*v_Wt[k, j]   (over k)   [gradient_penalty.py: line 17] */
     {
         const ptrdiff_t row_full = B / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
+        const ptrdiff_t col_full = 4 / 4 * 4;
         for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[4][4];
+                double wide[4][4];
                 for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
                     for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
                         for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
                                 const float d_matmul_ik = d_matmul[3*i + k];
@@ -1892,10 +2363,10 @@ int gradient_penalty_hvp(
                         }
                     }
                     for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         hv_input[4*i + j] = (float)wide[gi][gj];
@@ -1938,21 +2409,21 @@ int gradient_penalty_hvp(
 
     /* d_x[i, j] += Wt[k, j]   (over k)   [gradient_penalty.py: lines 17, 21] */
     {
-        const ptrdiff_t row_full = 1 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 (void)i;
                                 const ptrdiff_t j = col0 + gj;
@@ -1962,11 +2433,11 @@ int gradient_penalty_hvp(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         d_x[4*i + j] = (float)wide[gi][gj];
@@ -1974,7 +2445,7 @@ int gradient_penalty_hvp(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 1; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 (void)i;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
@@ -2041,21 +2512,21 @@ int gradient_penalty_hvp(
 
     /* t_d_x[i, j] += v_Wt[k, j]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = 1 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 (void)i;
                                 const ptrdiff_t j = col0 + gj;
@@ -2065,11 +2536,11 @@ int gradient_penalty_hvp(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         t_d_x[4*i + j] = (float)wide[gi][gj];
@@ -2077,7 +2548,7 @@ int gradient_penalty_hvp(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 1; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 (void)i;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
@@ -2145,62 +2616,119 @@ int gradient_penalty_hvp(
         t_d_sum[i] = t_sum_0*(t0/sum_0 - t0*(sqrtf(sum_0) - 1)/powf(sum_0, 3.0F/2.0F));
     }
 
-    /* t_d_Wt[i, j] += B*(2*d_sum[0]*t_d_x[0, j] + 2*d_x[0, j]*t_d_sum[0])   (over k)   [gradient_penalty.py: lines 17, 22] */
-    for (ptrdiff_t i = 0; i < 1; ++i) {
-        for (ptrdiff_t j = 0; j < 4; ++j) {
-            double acc_t_d_Wt = 0;
-            for (ptrdiff_t k_block = 0; k_block < 1; k_block += 256) {
-                const ptrdiff_t k_end = k_block + 256 < 1 ? k_block + 256 : 1;
-                float lanes_t_d_Wt[16];
-                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    lanes_t_d_Wt[gradc_l] = 0;
+    /* t_d_Wt[i, j] += Piecewise((0, Eq(B, 0)), (B*(2*d_sum[0]*t_d_x[0, j] + 2*d_x[0, j]*t_d_sum[0]), True))   (over k)   [gradient_penalty.py: lines 17, 22] */
+    {
+        const ptrdiff_t row_full = 1 / 1 * 1;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 1; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 1 ? blk + 256 : 1;
+                    float tile[1][4][1];
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj)
+                            for (int l = 0; l < 1; ++l) tile[gi][gj][l] = 0;
+                    ptrdiff_t k_lane = blk;
+                    for (; k_lane + 1 <= blk_end; k_lane += 1) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                for (int l = 0; l < 1; ++l) {
+                                    const ptrdiff_t i = row0 + gi;
+                                    const ptrdiff_t j = col0 + gj;
+                                    const ptrdiff_t k = k_lane + l;
+                                    (void)i;
+                                    (void)k;
+                                    const float d_sum_0 = d_sum[0];
+                                    const float d_x_0j = d_x[j];
+                                    const float t_d_sum_0 = t_d_sum[0];
+                                    const float t_d_x_0j = t_d_x[j];
+                                    const float term_t_d_Wt = ((((float)B) == 0) ? 0 : ((float)B)*(2*d_sum_0*t_d_x_0j + 2*d_x_0j*t_d_sum_0));
+                                    tile[gi][gj][l] += term_t_d_Wt;
+                                }
+                            }
+                        }
+                    }
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            float part = tile[gi][gj][0];
+                            for (int l = 1; l < 1; ++l) part += tile[gi][gj][l];
+                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                (void)i;
+                                const float d_sum_0 = d_sum[0];
+                                const float d_x_0j = d_x[j];
+                                const float t_d_sum_0 = t_d_sum[0];
+                                const float t_d_x_0j = t_d_x[j];
+                                const float term_t_d_Wt = ((((float)B) == 0) ? 0 : ((float)B)*(2*d_sum_0*t_d_x_0j + 2*d_x_0j*t_d_sum_0));
+                                part += term_t_d_Wt;
+                            }
+                            wide[gi][gj] += part;
+                        }
+                    }
                 }
-                ptrdiff_t k_lane = k_block;
-                for (; k_lane + 16 <= k_end; k_lane += 16) {
-                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                        const ptrdiff_t k = k_lane + gradc_l;
-                        (void)k;
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        t_d_Wt[4*i + j] = (float)wide[gi][gj];
+                    }
+                }
+            }
+            /* the columns left over at the right edge */
+            for (int gi = 0; gi < 1; ++gi) {
+                const ptrdiff_t i = row0 + gi;
+                for (ptrdiff_t j = col_full; j < 4; ++j) {
+                    double acc = 0;
+                    for (ptrdiff_t k = 0; k < 1; ++k) {
                         const float d_sum_0 = d_sum[0];
                         const float d_x_0j = d_x[j];
                         const float t_d_sum_0 = t_d_sum[0];
                         const float t_d_x_0j = t_d_x[j];
-                        const float term_t_d_Wt = ((float)B)*(2*d_sum_0*t_d_x_0j + 2*d_x_0j*t_d_sum_0);
-                        lanes_t_d_Wt[gradc_l] += term_t_d_Wt;
+                        const float term_t_d_Wt = ((((float)B) == 0) ? 0 : ((float)B)*(2*d_sum_0*t_d_x_0j + 2*d_x_0j*t_d_sum_0));
+                        acc += term_t_d_Wt;
                     }
+                    t_d_Wt[4*i + j] = (float)acc;
                 }
-                float part_t_d_Wt = lanes_t_d_Wt[0];
-                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_t_d_Wt += lanes_t_d_Wt[gradc_l];
-                for (ptrdiff_t k = k_lane; k < k_end; ++k) {
+            }
+        }
+        /* the rows left over at the bottom edge */
+        for (ptrdiff_t i = row_full; i < 1; ++i) {
+            for (ptrdiff_t j = 0; j < 4; ++j) {
+                double acc = 0;
+                for (ptrdiff_t k = 0; k < 1; ++k) {
                     const float d_sum_0 = d_sum[0];
                     const float d_x_0j = d_x[j];
                     const float t_d_sum_0 = t_d_sum[0];
                     const float t_d_x_0j = t_d_x[j];
-                    const float term_t_d_Wt = ((float)B)*(2*d_sum_0*t_d_x_0j + 2*d_x_0j*t_d_sum_0);
-                    part_t_d_Wt += term_t_d_Wt;
+                    const float term_t_d_Wt = ((((float)B) == 0) ? 0 : ((float)B)*(2*d_sum_0*t_d_x_0j + 2*d_x_0j*t_d_sum_0));
+                    acc += term_t_d_Wt;
                 }
-                acc_t_d_Wt += part_t_d_Wt;
+                t_d_Wt[4*i + j] = (float)acc;
             }
-            t_d_Wt[4*i + j] = (float)acc_t_d_Wt;
         }
     }
 
     /* t_d_Wt_1[i, j] += d_matmul[k, i]*v_input[k, j] + input[k, j]*t_d_matmul[k, i]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = 3 / 4 * 4;
-        const ptrdiff_t col_full = 4 / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = 3 / 3 * 3;
+        const ptrdiff_t col_full = 4 / 4 * 4;
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+                float tile[3][4];
+                double wide[3][4];
+                for (int gi = 0; gi < 3; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < B; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (int gi = 0; gi < 3; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                        for (int gi = 0; gi < 3; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
                                 const float d_matmul_ki = d_matmul[i + 3*k];
@@ -2212,11 +2740,11 @@ int gradient_penalty_hvp(
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                    for (int gi = 0; gi < 3; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                for (int gi = 0; gi < 3; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
                         t_d_Wt_1[4*i + j] = (float)wide[gi][gj];
@@ -2224,7 +2752,7 @@ int gradient_penalty_hvp(
                 }
             }
             /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
+            for (int gi = 0; gi < 3; ++gi) {
                 const ptrdiff_t i = row0 + gi;
                 for (ptrdiff_t j = col_full; j < 4; ++j) {
                     double acc = 0;
@@ -2268,22 +2796,22 @@ int gradient_penalty_hvp(
 
     /* hv_b[i] += 2*d_out*t_matmul[j, i] + 2*d_out*v_b[i] - 2*d_out*v_target[j, i]   (over j)   [gradient_penalty.py: line 20] */
     {
-        const ptrdiff_t col_full = 3 / 32 * 32;
+        const ptrdiff_t col_full = 3 / 3 * 3;
         {
             const ptrdiff_t row0 = 0;
             (void)row0;
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[1][32];
-                double wide[1][32];
+            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+                float tile[1][3];
+                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < B; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
                     for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t j = blk; j < blk_end; ++j) {
                         for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 32; ++gj) {
+                            for (int gj = 0; gj < 3; ++gj) {
                                 const ptrdiff_t i = col0 + gj;
                                 const float d_out_ = d_out[0];
                                 const float t_matmul_ji = t_matmul[i + 3*j];
@@ -2296,10 +2824,10 @@ int gradient_penalty_hvp(
                         }
                     }
                     for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
-                    for (int gj = 0; gj < 32; ++gj) {
+                    for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = col0 + gj;
                         hv_b[i] = (float)wide[gi][gj];
                     }
