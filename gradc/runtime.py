@@ -3,10 +3,16 @@
 This module needs only NumPy and the cffi runtime (no SymPy, no compiler), because it is
 also copied into packages that ``gradc compile`` writes.  Every argument is checked before
 any C runs, so a wrong shape never reaches native code.
+
+For small kernels the Python around the C call is most of the cost, so a call whose arguments
+are C-contiguous arrays of the kernel's dtype, with shapes an earlier call has checked, skips
+the checks: whether shapes are valid, and the dimensions, output shapes and workspace size
+they give, depend on the shapes alone and are kept in a plan per tuple of shapes.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from typing import Sequence
@@ -20,6 +26,11 @@ except ImportError:  # inside an exported package, without gradc installed
 
 _NP_DTYPES = {"f32": np.dtype(np.float32), "f64": np.dtype(np.float64)}
 _CTYPES = {"f32": "float *", "f64": "double *"}
+_ndarray = np.ndarray
+_empty = np.empty
+
+# Plans kept per kernel; a caller cycling through more shapes than this pays for the checks again.
+_MAX_PLANS = 64
 
 
 def _fmt_shape(dims: Sequence) -> str:
@@ -36,6 +47,27 @@ def _compile_expr(text: str, dims: Sequence[str]):
 
 def _shape_fn(shape: Sequence[str], dims: Sequence[str]):
     return _compile_expr("(" + "".join(f"{d}, " for d in shape) + ")", dims)
+
+
+class _Plan:
+    """What a checked tuple of argument shapes fixes for every call with those shapes."""
+
+    __slots__ = ("bound", "dims", "workspace", "out_shapes", "grad_shapes")
+
+    def __init__(self, bound: dict, dims: tuple, workspace: int, out_shapes: list, grad_shapes: list):
+        self.bound = bound
+        self.dims = dims
+        self.workspace = workspace
+        self.out_shapes = out_shapes
+        self.grad_shapes = grad_shapes
+
+
+class _Workspace(threading.local):
+    """The calling thread's workspace: threads running one kernel at once must not share it."""
+
+    nbytes = -1
+    ptr = None
+    buf = None
 
 
 class CompiledKernel:
@@ -55,12 +87,20 @@ class CompiledKernel:
         self.dims: list[str] = meta["dims"]
         self.wrt: list[str] = meta["wrt"]
         self._wrt_index = [self.param_names.index(w) for w in self.wrt]
-        self._ptr = _CTYPES[meta["dtype"]]
         self._constraints = [(_compile_expr(c, self.dims), msg) for c, msg in meta["constraints"]]
         self._out_shapes = [_shape_fn(o["shape"], self.dims) for o in meta["outputs"]]
+        self._n_outputs = len(meta["outputs"])
         self._entries = {k: getattr(lib, v) for k, v in meta["entries"].items()}
         self._workspace_size = getattr(lib, f"{meta['name']}_workspace_size")
-        self._local = threading.local()
+        self._local = _Workspace()
+        self._plans: dict[tuple, _Plan] = {}
+        # map(self._from_buffer, self._ctypes, arrays) gives the C pointers without a Python loop.
+        self._from_buffer = ffi.from_buffer
+        self._ctypes = itertools.repeat(ffi.typeof(_CTYPES[meta["dtype"]]))
+        self._tuple_output = bool(meta["tuple_output"])
+        self._wrt_single = bool(meta["wrt_single"])
+        self._scalar_outputs = [len(o["shape"]) == 0 for o in meta["outputs"]]
+        self._scalar_ok = bool(self.wrt) and "value_and_grad" in self._entries
 
     # -- argument checking --------------------------------------------------------------
     def _bind(self, args: tuple, kwargs: dict, what: str) -> list:
@@ -129,35 +169,68 @@ class CompiledKernel:
                 raise ShapeError(f"{self.name}: dimensions {bound} are invalid: {msg}")
         return arrays, bound
 
+    def _prepare(self, args: tuple, kwargs: dict, what: str) -> tuple[list[np.ndarray], _Plan]:
+        """The checked (and, where needed, converted) arguments and the plan for their shapes."""
+        arrays, bound = self._check(self._bind(args, kwargs, what))
+        key = tuple([a.shape for a in arrays])
+        plan = self._plans.get(key)
+        if plan is None:
+            dims = tuple([bound[d] for d in self.dims])
+            out_shapes = [tuple(f(*dims)) for f in self._out_shapes]
+            grad_shapes = out_shapes + [key[i] for i in self._wrt_index]
+            plan = _Plan(bound, dims, int(self._workspace_size(*dims)), out_shapes, grad_shapes)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return arrays, plan
+
+    def _fast(self, args: tuple):
+        """``(plan, pointers)`` when ``args`` can go to C as they are, else None.
+
+        That needs positional ndarrays of exactly the kernel's dtype, C-contiguous, whose
+        shapes an earlier call has checked (the checks depend on the shapes alone).
+        """
+        if len(args) != len(self.param_names):
+            return None
+        dtype = self.dtype
+        for a in args:
+            # An identical dtype object is the common case; an equal but distinct one (or a
+            # subclass of ndarray) takes the checked path, which converts it.
+            if type(a) is not _ndarray or a.dtype is not dtype:
+                return None
+        plan = self._plans.get(tuple([a.shape for a in args]))
+        if plan is None:
+            return None
+        try:
+            return plan, list(map(self._from_buffer, self._ctypes, args))
+        except ValueError:  # NumPy exports no plain buffer of a non-C-contiguous array: copy it
+            return None
+
+    def _pointers(self, arrays: list[np.ndarray]) -> list:
+        return list(map(self._from_buffer, self._ctypes, arrays))
+
     # -- the C call ------------------------------------------------------------------------
-    def _workspace(self, nbytes: int):
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < nbytes:
-            buf = np.empty(max(nbytes, 64) + 64, dtype=np.uint8)
-            self._local.buf = buf
+    def _grow_workspace(self, nbytes: int) -> None:
+        local = self._local
+        buf = np.empty(max(nbytes, 64) + 64, dtype=np.uint8)
         # Align to 64 bytes so that the C loops see whole cache lines.
         addr = buf.ctypes.data
-        return self.ffi.cast("void *", addr + (-addr % 64))
+        local.buf = buf
+        local.ptr = self.ffi.cast("void *", addr + (-addr % 64))
+        local.nbytes = nbytes
 
-    def _run(self, entry: str, arrays: list[np.ndarray], bound: dict, shapes: list[tuple]) -> list[np.ndarray]:
-        """Call the C function ``entry``, which writes one fresh array of each of ``shapes``."""
-        dims = [bound[d] for d in self.dims]
-        results = [np.empty(s, dtype=self.dtype) for s in shapes]
-        ptr = self.ffi.from_buffer
-        ws = self._workspace(self._workspace_size(*dims))
-        status = self._entries[entry](
-            *dims, *(ptr(self._ptr, a) for a in arrays), *(ptr(self._ptr, r, require_writable=True) for r in results), ws
-        )
+    def _call(self, fn, plan: _Plan, pointers: list, shapes: list[tuple]) -> list[np.ndarray]:
+        """Call the C function ``fn``, which writes one fresh array of each of ``shapes``."""
+        dtype = self.dtype
+        results = [_empty(s, dtype) for s in shapes]
+        local = self._local
+        if local.nbytes < plan.workspace:
+            self._grow_workspace(plan.workspace)
+        # Fresh arrays from np.empty are writable, so from_buffer need not ask for that.
+        status = fn(*plan.dims, *pointers, *map(self._from_buffer, self._ctypes, results), local.ptr)
         if status != 0:
-            raise ShapeError(f"{self.name}: the kernel rejected dimensions {bound} (status {status})")
+            raise ShapeError(f"{self.name}: the kernel rejected dimensions {plan.bound} (status {status})")
         return results
-
-    def _output_shapes(self, bound: dict) -> list[tuple]:
-        dims = [bound[d] for d in self.dims]
-        return [tuple(f(*dims)) for f in self._out_shapes]
-
-    def _wrt_shapes(self, arrays: list[np.ndarray]) -> list[tuple]:
-        return [arrays[i].shape for i in self._wrt_index]
 
     def _split_extra(self, args: tuple, kwargs: dict, keyword: str, what: str):
         """The kernel's own arguments, and the extra one (cotangent, tangents, v) after them."""
@@ -168,6 +241,14 @@ class CompiledKernel:
         if len(args) != len(self.param_names) + 1 - by_name:
             raise TypeError(f"{self.name}.{what}() takes the kernel's arguments followed by {keyword}")
         return args[:-1], kwargs, args[-1]
+
+    def _arguments(self, args: tuple, kwargs: dict, what: str) -> tuple[_Plan, list, list[tuple]]:
+        """The plan, the C pointers and the shapes of the kernel's own arguments."""
+        fast = None if kwargs else self._fast(args)
+        if fast is not None:
+            return fast[0], fast[1], [a.shape for a in args]
+        arrays, plan = self._prepare(args, kwargs, what)
+        return plan, self._pointers(arrays), [a.shape for a in arrays]
 
     def _extra_arrays(self, value, shapes: list[tuple], labels: list[str], grouped: bool, what: str, per: str) -> list[np.ndarray]:
         """Check the arrays of an extra argument: one ``per`` item, in a tuple when ``grouped``."""
@@ -186,15 +267,16 @@ class CompiledKernel:
         return arrays
 
     def _value(self, outs: list[np.ndarray]):
-        vals = [o[()] if o.ndim == 0 else o for o in outs]
-        return tuple(vals) if self.meta["tuple_output"] else vals[0]
+        if not self._tuple_output:
+            return outs[0][()] if self._scalar_outputs[0] else outs[0]
+        return tuple([o[()] if scalar else o for o, scalar in zip(outs, self._scalar_outputs)])
 
     def _grads(self, grads: list[np.ndarray]):
-        return grads[0] if self.meta["wrt_single"] else tuple(grads)
+        return grads[0] if self._wrt_single else tuple(grads)
 
     def _need_scalar(self, what: str):
         self._need_grads(what)
-        if "value_and_grad" not in self._entries:
+        if not self._scalar_ok:
             shapes = ", ".join(_fmt_shape(o["shape"]) for o in self.meta["outputs"])
             raise ShapeError(
                 f"{self.name}.{what}() needs a single scalar output, but the kernel returns shape(s) {shapes}; "
@@ -207,16 +289,26 @@ class CompiledKernel:
 
     # -- public API -------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        arrays, bound = self._check(self._bind(args, kwargs, "__call__"))
-        return self._value(self._run("forward", arrays, bound, self._output_shapes(bound)))
+        fast = None if kwargs else self._fast(args)
+        if fast is None:
+            arrays, plan = self._prepare(args, kwargs, "__call__")
+            fast = plan, self._pointers(arrays)
+        plan = fast[0]
+        return self._value(self._call(self._entries["forward"], plan, fast[1], plan.out_shapes))
 
     def value_and_grad(self, *args, **kwargs):
         """The (scalar) value and its gradients with respect to ``wrt``, in ``wrt`` order."""
-        self._need_scalar("value_and_grad")
-        arrays, bound = self._check(self._bind(args, kwargs, "value_and_grad"))
-        n = len(self.meta["outputs"])
-        results = self._run("value_and_grad", arrays, bound, self._output_shapes(bound) + self._wrt_shapes(arrays))
-        return self._value(results[:n]), self._grads(results[n:])
+        if not self._scalar_ok:
+            self._need_scalar("value_and_grad")
+        fast = None if kwargs else self._fast(args)
+        if fast is None:
+            arrays, plan = self._prepare(args, kwargs, "value_and_grad")
+            fast = plan, self._pointers(arrays)
+        plan = fast[0]
+        results = self._call(self._entries["value_and_grad"], plan, fast[1], plan.grad_shapes)
+        # A scalar kernel has one 0-d output (in a tuple when the kernel returns ``(loss,)``).
+        value = (results[0][()],) if self._tuple_output else results[0][()]
+        return value, results[1] if self._wrt_single else tuple(results[1:])
 
     def grad(self, *args, **kwargs):
         """The gradients of the scalar output with respect to ``wrt``."""
@@ -230,12 +322,12 @@ class CompiledKernel:
         """
         self._need_grads("vjp")
         args, kwargs, cot = self._split_extra(args, kwargs, "cotangent", "vjp")
-        arrays, bound = self._check(self._bind(args, kwargs, "vjp"))
-        out_shapes = self._output_shapes(bound)
-        tuple_out = self.meta["tuple_output"]
+        plan, pointers, _shapes = self._arguments(args, kwargs, "vjp")
+        out_shapes = plan.out_shapes
+        tuple_out = self._tuple_output
         labels = [f"cotangent[{i}]" for i in range(len(out_shapes))] if tuple_out else ["cotangent"]
-        arrays += self._extra_arrays(cot, out_shapes, labels, tuple_out, "vjp", "output")
-        results = self._run("vjp", arrays, bound, out_shapes + self._wrt_shapes(arrays))
+        pointers += self._pointers(self._extra_arrays(cot, out_shapes, labels, tuple_out, "vjp", "output"))
+        results = self._call(self._entries["vjp"], plan, pointers, plan.grad_shapes)
         return self._value(results[: len(out_shapes)]), self._grads(results[len(out_shapes) :])
 
     def jvp(self, *args, **kwargs):
@@ -247,11 +339,12 @@ class CompiledKernel:
         """
         self._need_grads("jvp")
         args, kwargs, tangents = self._split_extra(args, kwargs, "tangents", "jvp")
-        arrays, bound = self._check(self._bind(args, kwargs, "jvp"))
-        single = self.meta["wrt_single"]
-        arrays += self._extra_arrays(tangents, self._wrt_shapes(arrays), [f"tangent[{w}]" for w in self.wrt], not single, "jvp", "wrt parameter")
-        out_shapes = self._output_shapes(bound)
-        results = self._run("jvp", arrays, bound, out_shapes + out_shapes)
+        plan, pointers, shapes = self._arguments(args, kwargs, "jvp")
+        wrt_shapes = [shapes[i] for i in self._wrt_index]
+        labels = [f"tangent[{w}]" for w in self.wrt]
+        pointers += self._pointers(self._extra_arrays(tangents, wrt_shapes, labels, not self._wrt_single, "jvp", "wrt parameter"))
+        out_shapes = plan.out_shapes
+        results = self._call(self._entries["jvp"], plan, pointers, out_shapes + out_shapes)
         return self._value(results[: len(out_shapes)]), self._value(results[len(out_shapes) :])
 
     def hvp(self, *args, **kwargs):
@@ -262,11 +355,11 @@ class CompiledKernel:
         """
         self._need_scalar("hvp")
         args, kwargs, v = self._split_extra(args, kwargs, "v", "hvp")
-        arrays, bound = self._check(self._bind(args, kwargs, "hvp"))
-        single = self.meta["wrt_single"]
-        wrt_shapes = self._wrt_shapes(arrays)
-        arrays += self._extra_arrays(v, wrt_shapes, [f"v[{w}]" for w in self.wrt], not single, "hvp", "wrt parameter")
-        return self._grads(self._run("hvp", arrays, bound, wrt_shapes))
+        plan, pointers, shapes = self._arguments(args, kwargs, "hvp")
+        wrt_shapes = [shapes[i] for i in self._wrt_index]
+        labels = [f"v[{w}]" for w in self.wrt]
+        pointers += self._pointers(self._extra_arrays(v, wrt_shapes, labels, not self._wrt_single, "hvp", "wrt parameter"))
+        return self._grads(self._call(self._entries["hvp"], plan, pointers, wrt_shapes))
 
     def hessian(self, *args, **kwargs):
         """The dense Hessian of the scalar output, one Hessian-vector product per column.
@@ -276,15 +369,16 @@ class CompiledKernel:
         C call per input element.
         """
         self._need_scalar("hessian")
-        arrays, bound = self._check(self._bind(args, kwargs, "hessian"))
-        shapes = self._wrt_shapes(arrays)
+        plan, pointers, shapes = self._arguments(args, kwargs, "hessian")
+        shapes = [shapes[i] for i in self._wrt_index]
         sizes = [int(np.prod(s)) for s in shapes]
+        hvp = self._entries["hvp"]
         columns = []
         for j, size in enumerate(sizes):
             for e in range(size):
                 vs = [np.zeros(s, dtype=self.dtype) for s in shapes]
                 vs[j].reshape(-1)[e] = 1
-                columns.append(self._run("hvp", arrays + vs, bound, shapes))
+                columns.append(self._call(hvp, plan, pointers + self._pointers(vs), shapes))
         blocks = [[None] * len(shapes) for _ in shapes]
         start = 0
         for j, (shape_j, size_j) in enumerate(zip(shapes, sizes)):
@@ -293,7 +387,7 @@ class CompiledKernel:
             for i, shape_i in enumerate(shapes):
                 # Column e holds H[:, e]; the Hessian is symmetric, so rows index i and columns j.
                 blocks[i][j] = np.stack([c[i].reshape(-1) for c in cols], axis=-1).reshape(shape_i + shape_j)
-        if self.meta["wrt_single"]:
+        if self._wrt_single:
             return blocks[0][0]
         return tuple(tuple(row) for row in blocks)
 
