@@ -273,6 +273,22 @@ class Map(Node):
         if reduce is not None and not self.reduced_vars():
             self.reduce = None if self.is_gather_form() else reduce
 
+    def rebuilt(self, operands: Sequence[tuple[Node, IndexMap]], symbols: Sequence[sp.Symbol], expr: sp.Expr, **changes) -> "Map":
+        """This node over new ``operands`` (``symbols`` stand for them in ``expr``), with the
+        same loop box, output index and reduction unless ``changes`` (shape, loop) says otherwise;
+        it takes this node's name, hint, source lines and members."""
+        return Map(
+            changes.get("shape", self.shape),
+            changes.get("loop", self.loop),
+            self.out_index,
+            operands,
+            lambda *s: expr.xreplace(dict(zip(symbols, s))),
+            reduce=self.reduce,
+            dtype=self.dtype,
+            name=self.name,
+            loc=self.loc,
+        ).inherit(self)
+
     # -- structure --------------------------------------------------------------------
     @property
     def args(self) -> tuple[Node, ...]:

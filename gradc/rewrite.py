@@ -97,19 +97,7 @@ def _fuse_node(node: ir.Map, new: dict[int, ir.Node], inlinable) -> ir.Map:
     subs = {op.symbol: bind(new[op.node.id], op.index) for op in node.operands}
     if not inlined and all(new[op.node.id] is op.node for op in node.operands):
         return node
-    expr = node.expr.xreplace(subs)
-    fused = ir.Map(
-        node.shape,
-        node.loop,
-        node.out_index,
-        operands,
-        lambda *syms: expr.xreplace(dict(zip(dummies, syms))),
-        reduce=node.reduce,
-        dtype=node.dtype,
-        name=node.name,
-        loc=node.loc,
-    )
-    return fused.inherit(node, *inlined)
+    return node.rebuilt(operands, dummies, node.expr.xreplace(subs)).inherit(*inlined)
 
 
 def prune(outputs: Sequence[ir.Node]) -> list[ir.Node]:
@@ -126,20 +114,8 @@ def prune(outputs: Sequence[ir.Node]) -> list[ir.Node]:
         elif not isinstance(node, ir.Map):
             new[node.id] = node.with_args([new[a.id] for a in node.args])
         else:
-            expr = strip_stop_gradient(node.expr)
-            olds = [o.symbol for o in node.operands]
-            rebuilt = ir.Map(
-                node.shape,
-                node.loop,
-                node.out_index,
-                [(new[o.node.id], o.index) for o in node.operands],
-                lambda *s, expr=expr, olds=olds: expr.xreplace(dict(zip(olds, s))),
-                reduce=node.reduce,
-                dtype=node.dtype,
-                name=node.name,
-                loc=node.loc,
-            )
-            new[node.id] = rebuilt.inherit(node)
+            operands = [(new[o.node.id], o.index) for o in node.operands]
+            new[node.id] = node.rebuilt(operands, [o.symbol for o in node.operands], strip_stop_gradient(node.expr))
     return [new[o.id] for o in outputs]
 
 
@@ -190,19 +166,6 @@ def _hoist_node(node: ir.Map, new: dict[int, ir.Node]) -> ir.Map:
     loop = [sp.Integer(1) if v in free or v in idle else e for v, e in enumerate(node.loop)]
     shape = [sp.Integer(1) if a.var in free else e for a, e in zip(node.out_index, node.shape)]
     scale = sp.Mul(*(node.loop[v] for v in idle)) if node.reduce == "sum" else sp.Integer(1)
-    olds = [o.symbol for o in node.operands]
-    rebuilt = ir.Map(
-        shape,
-        loop,
-        node.out_index,
-        operands,
-        # extent 0 must give the empty sum 0, even of an Inf or NaN term (0 * inf is NaN)
-        lambda *s: sp.Piecewise((0, sp.Eq(scale, 0)), (scale * node.expr.xreplace(dict(zip(olds, s))), True))
-        if scale != 1
-        else node.expr.xreplace(dict(zip(olds, s))),
-        reduce=node.reduce,
-        dtype=node.dtype,
-        name=node.name,
-        loc=node.loc,
-    )
-    return rebuilt.inherit(node)
+    # extent 0 must give the empty sum 0, even of an Inf or NaN term (0 * inf is NaN)
+    expr = node.expr if scale == 1 else sp.Piecewise((0, sp.Eq(scale, 0)), (scale * node.expr, True))
+    return node.rebuilt(operands, [o.symbol for o in node.operands], expr, shape=shape, loop=loop)

@@ -306,19 +306,7 @@ def stabilize(outputs: Sequence[ir.Node], fired: Counter | None = None) -> list[
             m = _operand(operands, peak, op.index)
             subs[op.symbol] = s * sp.exp(StopGradient(FiniteOrZero(m)))
         expr = rewrite_expr(node.expr.xreplace(subs), fired)
-        syms = [sym for _, _, sym in operands]
-        rebuilt = ir.Map(
-            node.shape,
-            node.loop,
-            node.out_index,
-            [(n, idx) for n, idx, _ in operands],
-            lambda *s, expr=expr, syms=syms: expr.xreplace(dict(zip(syms, s))),
-            reduce=node.reduce,
-            dtype=node.dtype,
-            name=node.name,
-            loc=node.loc,
-        )
-        new[node.id] = rebuilt.inherit(node)
+        new[node.id] = node.rebuilt([(n, idx) for n, idx, _ in operands], [sym for _, _, sym in operands], expr)
     return [new[o.id] for o in outputs]
 
 
