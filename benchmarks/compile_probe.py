@@ -5,18 +5,33 @@ loaded extensions, gradc's in-process memo) carries over from an earlier compile
 
     python compile_probe.py compile NAME ARGS...    # gradc.compile with $GRADC_CACHE_DIR as it is
     python compile_probe.py package DIR NAME NPZ    # import the package `gradc compile` wrote in DIR
+    python compile_probe.py stages NAME ARGS...     # a cold compile, stage by stage (needs an empty cache)
 
-The process inherits the parent's CPU pinning and thread settings.
+The process inherits the parent's CPU pinning and thread settings.  Besides wall-clock
+seconds, ``cpu_s`` counts the CPU time of this process and of the C compiler it ran, which
+other load on the machine disturbs much less.
 """
 
 import hashlib
 import json
+import resource
 import sys
 import time
 
 
 def _seconds(t0: float) -> float:
     return time.perf_counter() - t0
+
+
+def _cpu() -> float:
+    """CPU seconds used so far by this process and by the children it waited for (the compiler)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _children_cpu() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
 
 
 def probe_compile(name: str, args: list[str]) -> dict:
@@ -26,14 +41,15 @@ def probe_compile(name: str, args: list[str]) -> dict:
 
     imported = _seconds(t0)
     w = workloads.FACTORIES[name](*map(int, args))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu()
     k = gradc.compile(w.kernel, wrt=w.wrt)
-    compiled = _seconds(t0)
+    compiled, cpu = _seconds(t0), _cpu() - cpu0
     t0 = time.perf_counter()
     k.value_and_grad(*w.inputs.values())
     return {
         "import_s": imported,
         "compile_s": compiled,
+        "compile_cpu_s": cpu,
         "first_call_s": _seconds(t0),
         "c_source_sha256": hashlib.sha256(k.c_source.encode()).hexdigest(),
         "c_source_bytes": len(k.c_source),
@@ -58,7 +74,33 @@ def probe_package(folder: str, name: str, npz: str) -> dict:
     return {"import_s": imported, "first_call_s": _seconds(t0), "imports_sympy": "sympy" in sys.modules}
 
 
+def probe_stages(name: str, args: list[str]) -> dict:
+    """Wall and CPU seconds of each stage of a cold ``gradc.compile``, run one stage at a time."""
+    t0, cpu0 = time.perf_counter(), _cpu()
+    import gradc
+    import workloads
+    from gradc import build, codegen, compiler
+
+    stages = {"import": (_seconds(t0), _cpu() - cpu0)}
+    w = workloads.FACTORIES[name](*map(int, args))
+
+    def stage(label, fn):
+        t0, cpu0, cc0 = time.perf_counter(), _cpu(), _children_cpu()
+        value = fn()
+        stages[label] = (_seconds(t0), _cpu() - cpu0)
+        if _children_cpu() > cc0:
+            stages[label + " (C compiler CPU)"] = (None, _children_cpu() - cc0)
+        return value
+
+    stage("trace", w.kernel.retrace)
+    lowered = stage("fuse, stabilize, differentiate", lambda: compiler.lower(w.kernel, w.wrt))
+    rendered = stage("schedule, CSE, render C", lambda: codegen.render([lowered.spec], lowered.spec.name))
+    stage("build", lambda: build.build_module(rendered.translation_unit(), rendered.cdef, name=lowered.spec.name))
+    return {label: {"wall_s": wall, "cpu_s": cpu} for label, (wall, cpu) in stages.items()}
+
+
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
-    result = probe_compile(rest[0], rest[1:]) if mode == "compile" else probe_package(*rest)
+    probes = {"compile": lambda: probe_compile(rest[0], rest[1:]), "stages": lambda: probe_stages(rest[0], rest[1:])}
+    result = probes[mode]() if mode in probes else probe_package(*rest)
     print(json.dumps(result))

@@ -11,7 +11,6 @@ installed; ``workdir`` is where a peer may write files (CasADi's generated C).
 from __future__ import annotations
 
 import ctypes
-import inspect
 import os
 import subprocess
 import tempfile
@@ -22,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 import gradc
+from gradc.blas import BlasError
 from kernels import total
 from workloads import Workload
 
@@ -39,15 +39,23 @@ class Prepared:
 # -- gradc -------------------------------------------------------------------------------
 
 
-def compile_gradc(w: Workload, threads: int):
-    # Multi-threaded kernels are opt-in at compile time (issue 3); until gradc.compile takes
-    # a thread count, gradc runs on one thread whatever --threads says.
-    kwargs = {"threads": threads} if "threads" in inspect.signature(gradc.compile).parameters else {}
-    return gradc.compile(w.kernel, wrt=w.wrt, **kwargs)
+def compile_gradc(w: Workload, threads: int, backend: str = "c"):
+    # Threads are opt-in at compile time: gradc gets as many as its peers (threads=1 is serial C).
+    return gradc.compile(w.kernel, wrt=w.wrt, backend=backend, threads=threads)
 
 
 def prepare_gradc(w: Workload, threads: int, workdir: Path) -> Prepared:
     k = compile_gradc(w, threads)
+    args = list(w.inputs.values())
+    return Prepared(lambda: k.value_and_grad(*args), lambda r: (r[0], list(r[1])))
+
+
+def prepare_gradc_blas(w: Workload, threads: int, workdir: Path) -> Prepared:
+    """gradc with ``backend="blas"``: large matrix products call OpenBLAS (the ``blas`` extra)."""
+    try:
+        k = compile_gradc(w, threads, backend="blas")
+    except BlasError as exc:
+        raise Unavailable(str(exc)) from exc
     args = list(w.inputs.values())
     return Prepared(lambda: k.value_and_grad(*args), lambda r: (r[0], list(r[1])))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import math
 import os
@@ -127,7 +126,7 @@ def run_workload(w, peer_names: list[str], args, workdir: Path) -> dict:
     from workloads import reference, rel_error
 
     ref_loss, ref_grads = reference(w)
-    makers = {"gradc": peers.prepare_gradc, "gradc forward": peers.prepare_gradc_forward}
+    makers = {"gradc": peers.prepare_gradc, "gradc forward": peers.prepare_gradc_forward, "gradc blas": peers.prepare_gradc_blas}
     makers.update({name: peers.PEERS[name] for name in peer_names})
     entries: dict[str, dict] = {}
     results: dict[str, tuple] = {}
@@ -166,7 +165,7 @@ def run_workload(w, peer_names: list[str], args, workdir: Path) -> dict:
         entries["gradc forward"]["err_vs_gradc"] = err
         if err > TOLERANCE:
             entries["gradc forward"]["status"] = "disagrees"
-    for name in peer_names:
+    for name in ["gradc blas", *peer_names]:
         if name in results:
             loss, grads = results[name]
             entries[name]["err_vs_f64"] = rel_error([loss, *grads], want)
@@ -196,6 +195,8 @@ def run_workload(w, peer_names: list[str], args, workdir: Path) -> dict:
         "speedup": ratios,  # peer time / gradc time: > 1 means gradc is faster
         "fastest_peer": fastest,
         "speedup_vs_fastest": ratios.get(fastest) if fastest else None,
+        # The optional BLAS backend against the same fastest peer.
+        "blas_speedup_vs_fastest": stat_of(fastest) / stat_of("gradc blas") if fastest and stat_of("gradc blas") else None,
         "vg_over_forward": g / stat_of("gradc forward") if g and stat_of("gradc forward") else None,
         "noise": max((e["timing"]["median_s"] / e["timing"]["min_s"] for e in entries.values() if "timing" in e), default=None),
     }
@@ -266,17 +267,18 @@ def report(res: dict, peer_names: list[str]) -> str:
     out = []
     rows = []
     for r in res["workloads"]:
-        rows.append([r["label"], cell(r["impls"]["gradc"], stat), *(cell(r["impls"][p], stat) for p in peer_names)])
+        rows.append([r["label"], cell(r["impls"]["gradc"], stat), cell(r["impls"]["gradc blas"], stat), *(cell(r["impls"][p], stat) for p in peer_names)])
     m = res["meta"]
     out.append(f"{stat.capitalize()} time per call (loss + all gradients), float32, {m['threads']} thread(s) on CPU(s) "
                f"{m['cpus']}; gradc at {m['gradc_source'] or 'an unknown commit'}, {m['date']}")
-    out.append(table(["workload", "gradc", *peer_names], rows))
+    out.append(table(["workload", "gradc", "gradc blas", *peer_names], rows))
     rows = []
     for r in res["workloads"]:
         rows.append([r["label"], *(fmt_ratio(r["speedup"][p]) for p in peer_names), r["fastest_peer"] or "-",
-                     fmt_ratio(r["speedup_vs_fastest"]), fmt_ratio(r["vg_over_forward"]), fmt_ratio(r["noise"])])
-    out.append(f"\nSpeed-up of gradc = peer time / gradc time ({stat}s; > 1: gradc is faster)")
-    out.append(table(["workload", *peer_names, "fastest peer", "vs fastest", "gradc vg/fwd", "noise"], rows))
+                     fmt_ratio(r["speedup_vs_fastest"]), fmt_ratio(r.get("blas_speedup_vs_fastest")), fmt_ratio(r["vg_over_forward"]), fmt_ratio(r["noise"])])
+    out.append(f"\nSpeed-up of gradc = peer time / gradc time ({stat}s; > 1: gradc is faster); "
+               f"'blas vs fastest' is gradc with backend='blas'")
+    out.append(table(["workload", *peer_names, "fastest peer", "vs fastest", "blas vs fastest", "gradc vg/fwd", "noise"], rows))
 
     comp = res.get("compile")
     if comp:
@@ -314,8 +316,6 @@ def report(res: dict, peer_names: list[str]) -> str:
     unavailable = sorted({n for r in res["workloads"] for n, e in r["impls"].items() if e["status"] == "unavailable"})
     if unavailable:
         notes.append(f"not installed: {', '.join(unavailable)} (pip install '.[bench]')")
-    if m["threads"] > 1 and not m["gradc_threads"]:
-        notes.append(f"gradc.compile takes no thread count yet: gradc ran on one thread, its peers on {m['threads']}")
     pinned = ",".join(map(str, m["cpus"]))
     loose = {cpus: n for cpus, n in m["thread_affinities"].items() if cpus != pinned}
     if loose:
@@ -336,13 +336,14 @@ def plot(res: dict, peer_names: list[str], path: Path) -> bool:
     except ImportError:
         return False
     labels = [r["label"] for r in res["workloads"]]
-    shown = [p for p in peer_names if any(r["speedup"].get(p) for r in res["workloads"])]
+    series = {p: [r["speedup"].get(p) for r in res["workloads"]] for p in peer_names}
+    series["fastest peer, gradc blas"] = [r.get("blas_speedup_vs_fastest") for r in res["workloads"]]
+    series = {name: ys for name, ys in series.items() if any(ys)}
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(labels)), 5))
-    width = 0.8 / max(len(shown), 1)
-    for i, p in enumerate(shown):
-        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(labels))]
-        ys = [r["speedup"].get(p) or float("nan") for r in res["workloads"]]
-        ax.bar(xs, ys, width, label=p)
+    width = 0.8 / max(len(series), 1)
+    for i, (name, ys) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [y or float("nan") for y in ys], width, label=name, hatch="//" if "blas" in name else None)
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_yscale("log")
     ratio = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×")
@@ -353,7 +354,7 @@ def plot(res: dict, peer_names: list[str], path: Path) -> bool:
     ax.set_xticks(range(len(labels)), [l.replace(" ", "\n", 1) for l in labels], fontsize=8)
     ax.set_ylabel("peer time / gradc time  (> 1: gradc faster)")
     ax.set_title(f"gradc speed-up over each peer, float32, {res['meta']['threads']} thread(s), {res['meta']['date']}")
-    ax.legend(fontsize=8, ncol=len(shown), loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    ax.legend(fontsize=8, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -420,7 +421,6 @@ def main(argv=None) -> int:
         "cflags": gradc.build.default_cflags(),
         "budget_s": args.budget,
         "stat": args.stat,
-        "gradc_threads": "threads" in inspect.signature(gradc.compile).parameters,
         "tolerance": TOLERANCE,
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
         "loadavg_start": os.getloadavg(),

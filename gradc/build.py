@@ -40,6 +40,9 @@ from .errors import GradcError
 #: two): the same binary always gives the same result, and a matrix product runs twice as fast.
 DEFAULT_CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-std=c99")
 
+#: Compile and link flags of kernels built for several threads (``threads=N``, N > 1).
+OPENMP_FLAGS = ("-fopenmp",)
+
 MANIFEST = "manifest.json"
 
 
@@ -89,7 +92,7 @@ def compiler_identity(cc: str) -> str | None:
     return out.stdout.splitlines()[0] if out.stdout else exe
 
 
-def cache_key(source: str, cdef: str, cflags: Sequence[str]) -> str:
+def cache_key(source: str, cdef: str, cflags: Sequence[str], link_args: Sequence[str] = ()) -> str:
     """A hash of what selects the binary.  The compiler's version is checked against the
     entry's manifest instead, so that a cached kernel loads on a machine without a compiler."""
     import cffi
@@ -99,6 +102,7 @@ def cache_key(source: str, cdef: str, cflags: Sequence[str]) -> str:
         source,
         cdef,
         " ".join(cflags),
+        " ".join(link_args),
         sys.implementation.cache_tag or "",
         sysconfig.get_config_var("EXT_SUFFIX") or "",
         platform.machine(),
@@ -131,44 +135,79 @@ def _valid_entry(entry: Path, compiler: str | None) -> Path | None:
     return None
 
 
-def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], workdir: Path) -> Path:
-    import cffi
+@functools.lru_cache(maxsize=None)
+def openmp_supported(cc: str) -> bool:
+    """The compiler builds and links a small OpenMP program into a shared library."""
+    program = "#include <omp.h>\nint gradc_probe(void) { return omp_get_max_threads(); }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.c"
+        src.write_text(program)
+        cmd = cc.split() + [*OPENMP_FLAGS, "-shared", "-fPIC", str(src), "-o", str(Path(tmp) / "probe.so")]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
+
+def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], link_args: Sequence[str], workdir: Path) -> Path:
+    import cffi
+    from cffi.recompiler import make_c_source
+
+    from . import pycall
+
+    # The options cffi's set_source would pass to setuptools; _commands passes them to the compiler.
+    options = {"extra_compile_args": list(cflags), "extra_link_args": list(link_args), **pycall.build_options()}
     ffi = cffi.FFI()
     ffi.cdef(cdef)
-    ffi.set_source(module_name, source, extra_compile_args=list(cflags))
-    log = workdir / "compiler.log"
-    try:
-        # setuptools and the compiler write progress and warnings on the process's own file
-        # descriptors; keep them out of the user's output and show them only on failure.
-        with open(log, "w") as sink, _redirect_fds((1, 2), sink):
-            built = ffi.compile(tmpdir=str(workdir), target=f"{module_name}.*", verbose=False)
-    except Exception as exc:  # noqa: BLE001 - setuptools raises several unrelated types
-        output = log.read_text(errors="replace").strip() if log.exists() else ""
-        detail = output or str(exc).strip() or type(exc).__name__
-        raise BuildError(f"the C compiler failed to build {module_name} with flags {' '.join(cflags)!r}:\n{detail}") from None
-    return Path(built)
+    c_file = workdir / f"{module_name}.c"
+    make_c_source(ffi, module_name, source, str(c_file), verbose=False)
+    so = workdir / f"{module_name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    for command in _commands(c_file, so, options):
+        try:
+            result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+            failed, detail = result.returncode != 0, (result.stdout + result.stderr).strip()
+        except OSError as exc:  # the compiler vanished, or cannot be run
+            failed, detail = True, str(exc)
+        if failed:
+            detail = detail or f"{command[0]} failed without a message"
+            if OPENMP_FLAGS[0] in cflags and not openmp_supported(_compiler()):
+                raise BuildError(
+                    f"the C compiler {_compiler()!r} does not support OpenMP ({' '.join(OPENMP_FLAGS)}), which a kernel "
+                    f"compiled with threads > 1 needs: install its OpenMP runtime (libgomp for gcc, libomp for clang), "
+                    f"set CC to a compiler with OpenMP, or compile with threads=1"
+                ) from None
+            raise BuildError(f"the C compiler failed to build {module_name} with flags {' '.join(cflags)!r}:\n{detail}") from None
+    return so
 
 
-class _redirect_fds:
-    """Point file descriptors at a file for a while (the compiler is a child process)."""
+#: What :func:`_commands` understands of cffi's ``set_source`` options (setuptools' Extension's).
+_OPTIONS = {"extra_compile_args", "extra_link_args", "include_dirs", "define_macros", "library_dirs", "libraries", "py_limited_api"}
 
-    def __init__(self, fds: Sequence[int], target):
-        self.fds, self.target = fds, target
 
-    def __enter__(self):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.saved = [os.dup(fd) for fd in self.fds]
-        for fd in self.fds:
-            os.dup2(self.target.fileno(), fd)
-
-    def __exit__(self, *exc):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, saved in zip(self.fds, self.saved):
-            os.dup2(saved, fd)
-            os.close(saved)
+def _commands(c_file: Path, so: Path, options: dict) -> list[list[str]]:
+    """The compile and link command lines for a CPython extension, as setuptools would run them
+    but without it: importing setuptools and going through distutils costs a few tenths of a
+    second per build.  Python's own debugging and warning flags (``-g``, ``-Wall``) are left
+    out; they make the compiler slower and the kernels no faster."""
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise BuildError(f"gradc cannot pass the extension option(s) {', '.join(sorted(unknown))} to the C compiler")
+    cc = _compiler().split()
+    includes = dict.fromkeys([sysconfig.get_paths()["include"], sysconfig.get_paths()["platinclude"], *options.get("include_dirs", ())])
+    macros = [f"-D{name}" if value is None else f"-D{name}={value}" for name, value in options.get("define_macros", ())]
+    obj = so.with_suffix(".o")
+    pic = (sysconfig.get_config_var("CCSHARED") or "-fPIC").split()
+    # LDSHARED is Python's own compiler and the flags that make a loadable extension on this platform.
+    shared = (sysconfig.get_config_var("LDSHARED") or "cc -shared").split()[1:]
+    compile_cmd = [
+        *cc, *pic, "-DNDEBUG", "-fwrapv", *macros, *(f"-I{d}" for d in includes), "-c", str(c_file), "-o", str(obj),
+        *options.get("extra_compile_args", ()),
+    ]  # fmt: skip
+    link = [
+        *cc, *shared, str(obj), "-o", str(so), *(f"-L{d}" for d in options.get("library_dirs", ())),
+        *(f"-l{lib}" for lib in options.get("libraries", ())), *options.get("extra_link_args", ()),
+    ]  # fmt: skip
+    return [compile_cmd, link]
 
 
 def _publish(staging: Path, entry: Path, compiler: str) -> None:
@@ -205,10 +244,10 @@ def _load(so: Path, module_name: str):
     return module
 
 
-def build_module(source: str, cdef: str, *, name: str, cflags: Sequence[str] | None = None) -> Built:
-    """Compile ``source`` (declaring ``cdef`` to cffi), or load it from the cache."""
+def build_module(source: str, cdef: str, *, name: str, cflags: Sequence[str] | None = None, link_args: Sequence[str] = ()) -> Built:
+    """Compile ``source`` (declaring ``cdef`` to cffi) and link it with ``link_args``, or load it from the cache."""
     flags = list(cflags) if cflags is not None else default_cflags()
-    key = cache_key(source, cdef, flags)
+    key = cache_key(source, cdef, flags, link_args)
     module_name = f"_gradc_{name}_{key}"
     root = cache_dir()
     entry = root / module_name
@@ -226,12 +265,12 @@ def build_module(source: str, cdef: str, *, name: str, cflags: Sequence[str] | N
         try:
             work = staging / "work"
             work.mkdir()
-            built = _compile(source, cdef, module_name, flags, work)
+            built = _compile(source, cdef, module_name, flags, link_args, work)
             final = staging / built.name
             shutil.move(str(built), final)
             shutil.rmtree(work)
             (staging / f"{name}.c").write_text(source)
-            manifest = {"extension": final.name, "sha256": _sha256(final), "compiler": compiler, "cflags": flags, "gradc": __version__}
+            manifest = {"extension": final.name, "sha256": _sha256(final), "compiler": compiler, "cflags": flags, "link_args": list(link_args), "gradc": __version__}
             (staging / MANIFEST).write_text(json.dumps(manifest))
             _publish(staging, entry, compiler)
         finally:
@@ -240,4 +279,117 @@ def build_module(source: str, cdef: str, *, name: str, cflags: Sequence[str] | N
         if so is None:
             raise BuildError(f"the cache entry {entry} could not be written")
     module = _load(so, module_name)
+    return Built(module.ffi, module.lib, so, module_name)
+
+
+# -- compiled templates ------------------------------------------------------------------------
+#: The folder, inside the cache folder, of Jinja's compiled templates.
+TEMPLATES = "templates"
+
+
+@functools.lru_cache(maxsize=None)
+def template_cache():
+    """A Jinja bytecode cache in the cache folder (compiling gradc's templates takes a tenth of a
+    second or more in every process that renders C), or None where the folder cannot be made.
+
+    Jinja checks each stored template against its source's checksum; a file it cannot read
+    counts as missing and one it cannot write is skipped, so the cache never fails a build."""
+    import jinja2
+
+    class TemplateCache(jinja2.FileSystemBytecodeCache):
+        def load_bytecode(self, bucket) -> None:
+            try:
+                super().load_bytecode(bucket)
+            except Exception:  # noqa: BLE001 - a damaged file raises whatever unpickling raises
+                bucket.reset()
+
+        def dump_bytecode(self, bucket) -> None:
+            try:
+                super().dump_bytecode(bucket)
+            except OSError:
+                pass
+
+    folder = cache_dir() / TEMPLATES
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return TemplateCache(str(folder))
+
+
+# -- the index: gradc.compile's key, computed without tracing, to the entry it built -----------
+#: The index folder inside the cache folder: one JSON record per key.
+INDEX = "index"
+
+#: Bumped when the record's layout changes; a record of another format is ignored.
+INDEX_FORMAT = 1
+
+
+def compiler_stamp() -> str | None:
+    """``$CC`` and the C compiler's resolved path, size and modification time, or None if it is missing.
+
+    A cheap stand-in for :func:`compiler_identity` (which starts a process): a record made
+    with another compiler is not trusted, and the full path checks the version line."""
+    cc = _compiler()
+    exe = shutil.which(cc.split()[0])
+    if exe is None:
+        return None
+    real = os.path.realpath(exe)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    return f"{cc}:{real}:{st.st_size}:{st.st_mtime_ns}"  # CC as given too: "gcc -m32" is another compiler
+
+
+def _index_path(key: str) -> Path:
+    return cache_dir() / INDEX / f"{key}.json"
+
+
+def read_index(key: str) -> dict | None:
+    """The record stored under ``key``, or None if it is missing, damaged or of another format."""
+    try:
+        record = json.loads(_index_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != INDEX_FORMAT:
+        return None
+    return record
+
+
+def write_index(key: str, module_name: str, **fields) -> None:
+    """Record that ``key`` compiles to the entry ``module_name``, with ``fields`` (JSON values).
+
+    Written to a private file and renamed into place, so that a reader never sees half a record.
+    The index only saves time: a cache folder that refuses the write costs the next process a
+    trace, never a failure."""
+    path = _index_path(key)
+    record = {"format": INDEX_FORMAT, "module": module_name, "compiler": compiler_stamp(), **fields}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError:
+        return
+
+
+def load_indexed(record: dict) -> Built | None:
+    """The extension an index record points to, if the entry is whole and was built by the
+    compiler installed now (any entry, where no compiler is installed, as :func:`build_module`
+    does); else None, and the caller compiles as if there were no record."""
+    module_name = record.get("module")
+    if not isinstance(module_name, str) or not module_name.startswith("_gradc_") or not module_name.isidentifier():
+        return None
+    stamp = compiler_stamp()
+    if stamp is not None and record.get("compiler") != stamp:
+        return None
+    so = _valid_entry(cache_dir() / module_name, None)
+    if so is None:
+        return None
+    try:
+        module = _load(so, module_name)
+    except ImportError:
+        return None
     return Built(module.ffi, module.lib, so, module_name)

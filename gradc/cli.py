@@ -106,11 +106,11 @@ class Progress:
         click.echo(f"  {end - self.start:8.3f} s  total", err=True)
 
 
-def _lower_all(path: Path, kernels: dict[str, Kernel], wrt, dtype, stable=True, progress=compiler._quiet, prefix="") -> list[compiler.Lowered]:
+def _lower_all(path: Path, kernels: dict[str, Kernel], wrt, dtype, stable=True, progress=compiler._quiet, prefix="", backend="c", threads=None) -> list[compiler.Lowered]:
     lowered = []
     for name, k in kernels.items():
         try:
-            lowered.append(compiler.lower(k, wrt, dtype, name=name, prefix=prefix, stable=stable, progress=progress))
+            lowered.append(compiler.lower(k, wrt, dtype, name=name, prefix=prefix, stable=stable, backend=backend, threads=threads, progress=progress))
         except Exception as exc:  # noqa: BLE001 - tracing runs user code
             raise UserError(_locate(exc, path)) from None
     return lowered
@@ -148,9 +148,23 @@ _verbose_opt = click.option("-v", "--verbose", is_flag=True, help="Print each co
 )
 @click.option("--prefix", default="", help="Prefix for every exported C symbol, so that several compiled modules link together.")
 @click.option("--cflags", help="C compiler flags replacing the defaults (e.g. \"-O2\").")
+@click.option(
+    "--backend",
+    type=click.Choice(["c", "blas"]),
+    default="c",
+    show_default=True,
+    help="blas: large matrix products call a BLAS (pip install 'gradc[blas]', or link your own -lopenblas with --emit c).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Share large loops between this many threads (OpenMP: builds with -fopenmp; --emit c needs it to run threaded).",
+)
 @_stable_opt
 @_verbose_opt
-def compile_cmd(file, names, wrt, dtype, out_dir, emit, prefix, cflags, unstable, verbose) -> None:
+def compile_cmd(file, names, wrt, dtype, out_dir, emit, prefix, cflags, backend, threads, unstable, verbose) -> None:
     """Compile FILE's kernels into the package OUT/<file stem>/ (C source, header, extension, glue),
     or with --emit c into OUT/<file stem>.c and .h alone."""
     if prefix and not re.fullmatch(r"[A-Za-z_]\w*", prefix, re.ASCII):
@@ -159,7 +173,7 @@ def compile_cmd(file, names, wrt, dtype, out_dir, emit, prefix, cflags, unstable
     path, kernels = load_kernels(file)
     kernels = _select(path, kernels, names)
     module = codegen.Names().take(path.stem)
-    lowered = _lower_all(path, kernels, _wrt_option(wrt), dtype, not unstable, progress, prefix)
+    lowered = _lower_all(path, kernels, _wrt_option(wrt), dtype, not unstable, progress, prefix, backend, threads)
     if emit == "c":
         progress("generating C (common subexpressions)")
         rendered = codegen.render([l.spec for l in lowered], module, prefix=prefix)
@@ -168,6 +182,10 @@ def compile_cmd(file, names, wrt, dtype, out_dir, emit, prefix, cflags, unstable
         for low in lowered:
             click.echo(f"compiled {low.meta['kernel']} ({low.meta['dtype']}; {', '.join(low.meta['entries'].values())})")
         click.echo(f"wrote {Path(out_dir) / (module + '.c')} and {Path(out_dir) / (module + '.h')}")
+        if backend == "blas":
+            click.echo("link it with a CBLAS (e.g. -lopenblas); for prefixed names define GRADC_CBLAS_SGEMM/GRADC_CBLAS_DGEMM")
+        if threads > 1:
+            click.echo(f"build it with -fopenmp to run on {threads} threads (without it, it runs on one, with the same results)")
         return
     try:
         rendered, built = compiler.compile_many(lowered, module, cflags=cflags.split() if cflags else None, progress=progress, prefix=prefix)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import jinja2
 import sympy as sp
 
-from . import __version__, ir, schedule
+from . import __version__, blas, build, ir, schedule
 from .printer import VECTOR_MATH_ORDER, GradcCPrinter, IndexPrinter
 from .scalar import lower_for_c
 
@@ -46,6 +46,8 @@ class KernelSpec:
     entries: list[Entry]
     source: str = ""
     origin: str = ""
+    threads: int = 1  # above 1: OpenMP pragmas for this many threads (see gradc/schedule.py)
+    backend: str = "c"  # "blas": matrix products may call the BLAS (gradc/blas.py)
 
 
 @dataclass
@@ -118,12 +120,28 @@ class Tile:
     acc_update: str  # the edges: one accumulator per element
     store_tile: str  # out[...] = tile or wide
     store_acc: str
+    body: list[str] = field(default_factory=list)  # one point of a full tile: packed operands read from their panels
+    silent: tuple[str, ...] = ()  # loop variables that body never reads
+    packs: list[str] = field(default_factory=list)  # panel[cols*r + gj] = operand: filling the panels of a column tile
     lanes: int = 0  # "dots": each cell of the tile is a dot product in this many lanes
     lane_update: str = ""
     tail_update: str = ""
     part: str = ""
     l: str = ""
     r_lane: str = ""
+
+
+@dataclass
+class GemmCall:
+    """A matrix product handed to the BLAS when :func:`gradc_blas_pays` (templates/blas.c.j2)."""
+
+    comment: str
+    m: str
+    n: str
+    k: str
+    lda: str
+    ldb: str
+    call: str
 
 
 @dataclass
@@ -143,6 +161,10 @@ class Nest:
     math: list[NestMath]
     tile: Tile | None = None
     silent: tuple[str, ...] = ()  # loop variables the body never reads: (void) them for -Wunused
+    parallel: str = ""  # the OpenMP pragma of the outermost loop (empty: serial)
+    starts: list[str] = field(default_factory=list)  # where each loop starts, when not all at 0
+    after: list[str] = field(default_factory=list)  # after the loops: chunk partials to the outputs
+    gemm: GemmCall | None = None  # backend "blas": the library call that may run instead of the loops
 
 
 @dataclass
@@ -213,6 +235,7 @@ def _env() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
+        bytecode_cache=build.template_cache(),
     )
 
 
@@ -234,6 +257,7 @@ class FunctionLowering:
         self.shapes: dict[str, tuple] = {}
         self.read: set[str] = set()
         self.temps: list[tuple[str, sp.Expr]] = []
+        self.panels: dict[sp.Expr, list[str]] = {}  # packing panels by size (see pack)
 
     def index(self, expr) -> str:
         return self.ip.doprint(sp.expand(expr))
@@ -277,6 +301,8 @@ class FunctionLowering:
                     self.temps.append((name, ir.num_elements(node.shape)))
                 self.shapes[self.buffers[node.id]] = node.shape
             nests.append(self.nest(group))
+            if self.spec.backend == "blas" and len(group) == 1:
+                nests[-1].gemm = self.gemm_call(head)
         for name, node in copies:
             nests.append(self.copy(name, node))
 
@@ -340,6 +366,8 @@ class FunctionLowering:
         dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
 
         loads: dict[tuple[str, str], sp.Symbol] = {}
+        load_line: dict[tuple[str, str], int] = {}  # where in the body each operand is read
+        operand_keys: list[tuple[str, str]] = []  # the head node's operands, by position
         body: list[str] = []
         indexed: dict[sp.Symbol, sp.Expr] = {}
         exprs = []
@@ -350,7 +378,10 @@ class FunctionLowering:
                 self.read.add(buf)
                 offset = self.linear(op.node.shape, op.index, var_syms)
                 key = (buf, offset)
+                if node is head:
+                    operand_keys.append(key)
                 if key not in loads:
+                    load_line[key] = len(body)
                     letters = "".join(
                         loop_vars[a.var] if a.is_plain and len(loop_vars[a.var]) == 1 else ("0" if a.var is None and a.offset == 0 else "")
                         for a in op.index
@@ -376,6 +407,7 @@ class FunctionLowering:
             body.append(f"const {kind} {sym} = {self.fp.doprint(e)};")
 
         init, accs, finish, updates = [], [], [], []
+        reductions = []  # (accumulator, its C type, reduce) of each whole-box or per-output reduction
         lanes = schedule.LANES if plan.lanes else 0
         for node, value in zip(group, values):
             out = self.buffers[node.id]
@@ -402,6 +434,7 @@ class FunctionLowering:
             acc = local.take(f"acc_{out}")
             acc_type = "double" if node.reduce == "sum" else self.ctype
             accs.append(f"{acc_type} {acc} = {self.identity(node.reduce)};")
+            reductions.append((acc, acc_type, node.reduce))
             finish.append(f"{out}[{out_idx}] = {'(' + self.ctype + ')' if acc_type != self.ctype else ''}{acc};")
             body.append(f"const {self.ctype} {term} = {val};")
             if not lanes:
@@ -422,7 +455,11 @@ class FunctionLowering:
                     block_update=self.update(acc, part, node.reduce),
                 )
             )
-        tile = self.tile(group[0], plan, loop_vars, local, tile_term) if plan.kind in ("tile", "dots") else None
+        tile = None
+        if plan.kind in ("tile", "dots"):
+            tile = self.tile(group[0], plan, loop_vars, local, tile_term)
+            packed = {load_line[k]: (loads[k], k) for k in (operand_keys[i] for i in plan.pack)}
+            self.pack(tile, packed, body, group[0])
         lane = None
         if lanes:
             v = loop_vars[plan.order[-1]]
@@ -440,7 +477,7 @@ class FunctionLowering:
             )
             for node, expr, value in zip(group, exprs, values)
         ]
-        return Nest(
+        nest = Nest(
             comment=[self.describe(node, loop_vars, var_syms) for node in group],
             init=init,
             loops=[(loop_vars[v], self.index(head.loop[v])) for v in plan.order],
@@ -455,6 +492,54 @@ class FunctionLowering:
             tile=tile,
             silent=tuple(v for v in loop_vars if not re.search(rf"\b{v}\b", "\n".join(body))),
         )
+        if self.spec.threads > 1:
+            self.parallelise(nest, group, plan, reductions, local)
+        return nest
+
+    def parallelise(self, nest: Nest, group: list[ir.Map], plan, reductions, local: Names) -> None:
+        """Share the nest's outermost loop between threads (see ``parallel_form`` in gradc/schedule.py)."""
+        form = schedule.parallel_form(group, plan)
+        work = sp.Mul(*group[0].loop)
+        if form is None or (work.is_Integer and work < schedule.PARALLEL_MIN_WORK):
+            return
+        pragma = f"omp parallel for schedule(static) num_threads({self.spec.threads})"
+        if not work.is_Integer:
+            pragma += f" if({self.index(work)} >= {schedule.PARALLEL_MIN_WORK})"
+        nest.parallel = pragma
+        if form == "chunks":
+            self.chunk(nest, reductions, local)
+
+    def chunk(self, nest: Nest, reductions, local: Names) -> None:
+        """The outermost loop in fixed chunks, each with its own partial result of every
+        whole-box reduction (a nest of one loop may have none).
+
+        The chunks depend on the extent only, and the partials are combined in chunk order,
+        so the result is the same whichever threads, and however many, ran the chunks.
+        """
+        chunks = schedule.CHUNKS
+        v, extent = nest.loops[0]
+        c, lo, hi = local.take("chunk"), local.take(f"{v}_lo"), local.take(f"{v}_hi")
+        total = extent if re.fullmatch(r"\w+", extent) else f"({extent})"
+        if len(nest.loops) == 1:
+            # The chunked loop is the vectorised one: chunks of whole blocks keep each element
+            # on the path (vector body or scalar tail) it takes on one thread.
+            block = schedule.BLOCK
+            units = f"(({total} + {block - 1}) / {block})"
+            bounds = [f"{c} * {units} / {chunks} * {block}", f"{c} + 1 < {chunks} ? ({c} + 1) * {units} / {chunks} * {block} : {total}"]
+        else:
+            bounds = [f"{c} * {total} / {chunks}", f"({c} + 1) * {total} / {chunks}"]
+        partials = [local.take(acc.replace("acc_", "partials_", 1)) for acc, _, _ in reductions]
+        nest.init += [f"{ctype} {p}[{chunks}];" for p, (_, ctype, _) in zip(partials, reductions)]
+        nest.after = (
+            nest.accs
+            + [f"for (ptrdiff_t {c} = 0; {c} < {chunks}; ++{c}) {self.update(acc, f'{p}[{c}]', reduce)}" for p, (acc, _, reduce) in zip(partials, reductions)]
+            + nest.finish
+        )
+        nest.accs = [f"const ptrdiff_t {lo} = {bounds[0]};", f"const ptrdiff_t {hi} = {bounds[1]};"] + nest.accs
+        nest.finish = [f"{p}[{c}] = {acc};" for p, (acc, _, _) in zip(partials, reductions)]
+        nest.loops = [(c, str(chunks)), (v, hi)] + nest.loops[1:]
+        nest.starts = ["0", lo] + ["0"] * (len(nest.loops) - 2)
+        nest.acc_depth = 1
 
     def tile(self, node: ir.Map, plan, loop_vars: list[str], local: Names, term: str) -> Tile:
         row, col = plan.tile
@@ -503,6 +588,38 @@ class FunctionLowering:
             **extra,
         )
 
+    def pack(self, tile: Tile, packed: dict[int, tuple[sp.Symbol, tuple[str, str]]], body: list[str], node: ir.Map) -> None:
+        """Give the full tiles a body that reads the packed operands from their panels.
+
+        ``packed`` maps the body line that loads an operand to its local and (buffer, offset).
+        Each packed operand gets a panel of (reduction extent) x cols elements in the
+        workspace, refilled for every column tile: row tiles then read one contiguous vector
+        per reduction step instead of a strided (or transposed) row of the operand.
+        """
+        tile.body = list(body)
+        used: dict[sp.Expr, int] = {}
+        size = ir.num_elements([node.loop[v] for v in node.reduced_vars()]) * tile.cols
+        for at, (name, (buf, offset)) in sorted(packed.items()):
+            panel = self.panel(size, used)
+            place = f"{tile.cols}*{tile.reds[0][0]} + {tile.gj}"
+            tile.packs.append(f"{panel}[{place}] = {buf}[{offset}];")
+            tile.body[at] = f"const {self.ctype} {name} = {panel}[{place}];"
+        tile.silent = tuple(v for v in (tile.row[0] if tile.row else None, tile.col[0]) if v and not re.search(rf"\b{v}\b", "\n".join(tile.body)))
+
+    def panel(self, size: sp.Expr, used: dict[sp.Expr, int]) -> str:
+        """A workspace buffer of ``size`` elements for one packed operand of a nest.
+
+        Nests run one after another, so later nests reuse the panels of earlier ones of the
+        same size; ``used`` counts those this nest has already taken.
+        """
+        same = self.panels.setdefault(size, [])
+        if used.get(size, 0) == len(same):
+            name = self.names.take("panel")
+            self.temps.append((name, size))
+            same.append(name)
+        used[size] = used.get(size, 0) + 1
+        return same[used[size] - 1]
+
     def identity(self, reduce: str | None) -> str:
         return {"sum": "0", "max": "-INFINITY", "min": "INFINITY"}[reduce]
 
@@ -548,6 +665,27 @@ class FunctionLowering:
             lines = ", ".join(str(l) for l in sorted({l for _, l in locs}))
             where = f"   [{'/'.join(sorted(files))}: line{'s' if ',' in lines else ''} {lines}]"
         return f"{lhs} {op} {body}{over}{where}"
+
+    def gemm_call(self, node: ir.Map) -> GemmCall | None:
+        g = blas.as_gemm(node)
+        if g is None:
+            return None
+        a, b, out = self.buffers[g.a.node.id], self.buffers[g.b.node.id], self.buffers[node.id]
+        m, n, k = (self.index(e) for e in (g.m, g.n, g.k))
+        # Row-major: the leading dimension is the row length of the array as stored, so an
+        # operand may be a block of a wider array.
+        lda, ldb = (self.index(op.node.shape[1]) for op in (g.a, g.b))
+        fn = "GRADC_CBLAS_SGEMM" if self.ctype == "float" else "GRADC_CBLAS_DGEMM"
+        alpha = self.fp.doprint(sp.Float(g.alpha) if self.ctype == "float" else g.alpha)
+        trans = lambda t: "GRADC_TRANS" if t else "GRADC_NO_TRANS"
+        call = (
+            f"{fn}(GRADC_ROW_MAJOR, {trans(g.trans_a)}, {trans(g.trans_b)}, (int){m}, (int){n}, (int){k}, {alpha}, "
+            f"{a}, (int){lda}, {b}, (int){ldb}, 0, {out}, (int){n})"
+        )
+        # The C stays ASCII: ^T for a transpose.
+        ta, tb = ("^T" if g.trans_a else ""), ("^T" if g.trans_b else "")
+        scale = "" if g.alpha == 1 else f"{g.alpha} * "
+        return GemmCall(f"{out} = {scale}{a}{ta} * {b}{tb}: by the BLAS when it pays", m, n, k, lda, ldb, call)
 
     def copy(self, name: str, node: ir.Node) -> Nest:
         src = self.buffers[node.id]
@@ -599,6 +737,7 @@ def render(specs: Sequence[KernelSpec], module: str, *, prefix: str = "") -> Ren
     uses_workspace = any(f.workspace_terms for fns in functions.values() for f in fns)
     used = set().union(*(f.helpers for fns in functions.values() for f in fns))
     helpers = [h.removeprefix("gradc_") for h in VECTOR_MATH_ORDER if h in used]
+    blas_ctypes = sorted({k["ctype"] for k in kernels if any(n.gemm for f in k["functions"] for n in f.nests)})
     ctx = {
         "module": module,
         "version": __version__,
@@ -606,6 +745,9 @@ def render(specs: Sequence[KernelSpec], module: str, *, prefix: str = "") -> Ren
         "guard": guard,
         "uses_workspace": uses_workspace,
         "helpers": helpers,
+        "threads": max((spec.threads for spec in specs), default=1),
+        "blas_ctypes": blas_ctypes,
+        "min_work": blas.MIN_WORK,
     }
     c_source = template("kernel.c.j2").render(**ctx)
     header = template("kernel.h.j2").render(**ctx)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import inspect
 import os
 import textwrap
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import sympy as sp
 
-from . import autodiff, codegen, ir, rewrite, stability
+from . import autodiff, blas, build, codegen, fingerprint, ir, pycall, rewrite, stability
 from .dsl import Kernel, Traced, kernel as as_kernel
 from .errors import GradcError
 from .runtime import CompiledKernel
@@ -64,6 +65,14 @@ def _wrt_list(traced: Traced, wrt) -> tuple[list[str], bool]:
     return wanted, single
 
 
+def _thread_count(threads) -> int:
+    if threads is None:
+        return 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise GradcError(f"threads must be a positive integer (or None for one thread), got {threads!r}")
+    return threads
+
+
 def _source_of(fn: Callable) -> str:
     try:
         return textwrap.dedent(inspect.getsource(fn))
@@ -86,6 +95,8 @@ def lower(
     name: str | None = None,
     prefix: str = "",
     stable: bool = True,
+    backend: str = "c",
+    threads: int | None = None,
     progress: Progress = _quiet,
 ) -> Lowered:
     """Trace ``k`` and build its entry points (forward, value_and_grad, vjp, jvp, hvp) as fused graphs.
@@ -93,8 +104,13 @@ def lower(
     ``wrt=None`` takes the kernel's own default (``@gradc.kernel(wrt=...)``, else every
     parameter).  The C functions are called ``<prefix><name>_<entry>``.  With ``stable``
     (the default) the stability rewrites of :mod:`gradc.stability` run on the fused forward
-    graph before it is differentiated.  ``progress(stage)`` is called as each stage starts.
+    graph before it is differentiated.  ``backend="blas"`` lets large matrix products call the
+    BLAS (:mod:`gradc.blas`).  ``threads=N`` (N > 1) shares large loops between N OpenMP
+    threads.  ``progress(stage)`` is called as each stage starts.
     """
+    threads = _thread_count(threads)
+    if backend not in blas.BACKENDS:
+        raise GradcError(f"backend must be one of {', '.join(map(repr, blas.BACKENDS))}, got {backend!r}")
     progress(f"tracing {name or k.name}")
     traced = k.trace()
     graph = traced.graph
@@ -168,6 +184,8 @@ def lower(
         entries=entries,
         source=_source_of(k.fn),
         origin=origin,
+        backend=backend,
+        threads=threads,
     )
     meta = {
         "name": spec.name,
@@ -180,6 +198,8 @@ def lower(
         "tuple_output": traced.returns_tuple,
         "wrt": wrt_names,
         "stable": stable,
+        "backend": backend,
+        "threads": threads,
         "rewrites": dict(fired),
         "wrt_single": single,
         "entries": {e.suffix: f"{spec.name}_{e.suffix}" for e in entries},
@@ -216,41 +236,129 @@ def _work(nodes: Sequence[ir.Node]) -> tuple[int, int]:
 def compile_many(
     lowered: Sequence[Lowered], module: str, *, cflags: Sequence[str] | None = None, progress: Progress = _quiet, prefix: str = ""
 ):
-    from . import build
-
     progress("generating C (common subexpressions)")
     rendered = codegen.render([l.spec for l in lowered], module, prefix=prefix)
+    flags = list(cflags) if cflags else build.default_cflags()
+    link_args: list[str] = []
+    if any(l.spec.backend == "blas" for l in lowered):
+        library = blas.find_library()
+        flags += library.defines()
+        link_args += library.link_args()
+    if any(l.spec.threads > 1 for l in lowered):
+        flags += build.OPENMP_FLAGS
+        link_args += build.OPENMP_FLAGS
     progress("building with the C compiler (or loading from the cache)")
-    built = build.build_module(rendered.translation_unit(), rendered.cdef, name=module, cflags=list(cflags) if cflags else None)
+    # The extension also gets the direct calls from Python; the exported C never does.
+    kernels = [(l.spec, l.meta) for l in lowered]
+    source = rendered.translation_unit() + pycall.render(kernels, module)
+    cdef = rendered.cdef + "\n" + pycall.cdef(kernels)
+    built = build.build_module(source, cdef, name=module, cflags=flags, link_args=link_args)
     return rendered, built
 
 
 _memo: dict[tuple, CompiledKernel] = {}
 
+#: The digest (:func:`fingerprint.kernel_digest`) each kernel was last traced under in this
+#: process: a trace made under another digest read other values of its globals or closure.
+_traced_under: "weakref.WeakKeyDictionary[Kernel, str]" = weakref.WeakKeyDictionary()
+
+
+class _Compiled(CompiledKernel):
+    """A kernel from :func:`compile`, which keeps the compiler's intermediate results for the
+    views of :meth:`show`.  A kernel loaded through the cache's index has none: they are
+    computed (traced, lowered, rendered; nothing is built) on first use."""
+
+    def __init__(self, meta: dict, built, *, c_source: str, header: str, kernel: Kernel, options: dict, stages=None):
+        super().__init__(meta, built.ffi, built.lib, c_source=c_source, header=header)
+        self.kernel = kernel
+        self.module_name = built.module_name
+        self._options = options
+        self._stages = stages
+
+    def _stage(self, i: int):
+        if self._stages is None:
+            lowered = lower(self.kernel, **self._options)
+            self._stages = (lowered, codegen.render([lowered.spec], lowered.spec.name))
+        return self._stages[i]
+
+    @property
+    def lowered(self) -> Lowered:
+        return self._stage(0)
+
+    @property
+    def rendered(self) -> codegen.Rendered:
+        return self._stage(1)
+
+
+def _indexed(options: dict) -> bool:
+    """Whether the cache's index may hold the kernel: a BLAS kernel's binary depends on the
+    library found at build time, which the key does not describe (finding it is slow)."""
+    return options["backend"] == "c"
+
+
+def _load_indexed(k: Kernel, key: str, options: dict) -> _Compiled | None:
+    """The kernel the index records under ``key``, or None (no record, or one that does not load)."""
+    record = build.read_index(key)
+    if record is None:
+        return None
+    built = build.load_indexed(record)
+    if built is None:
+        return None
+    try:
+        return _Compiled(record["meta"], built, c_source=record["c_source"], header=record["header"], kernel=k, options=options)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # a record that does not fit its extension: compile as if it were not there
+
+
+def _compile_traced(k: Kernel, options: dict, cflags: Sequence[str] | None) -> _Compiled:
+    """The full path: trace (or reuse ``k``'s trace), differentiate, render, build or load by C source."""
+    lowered = lower(k, **options)
+    rendered, built = compile_many([lowered], lowered.spec.name, cflags=cflags)
+    return _Compiled(
+        lowered.meta, built, c_source=rendered.c_source, header=rendered.header, kernel=k, options=options, stages=(lowered, rendered)
+    )
+
 
 def compile(
-    fn, wrt=None, dtype: str | None = None, *, cflags: Sequence[str] | None = None, stable: bool = True
+    fn, wrt=None, dtype: str | None = None, *, cflags: Sequence[str] | None = None, stable: bool = True, backend: str = "c",
+    threads: int | None = None,
 ) -> CompiledKernel:
     """Compile a ``@gradc.kernel`` (or an annotated function) into native kernels.
 
     ``wrt`` names the parameters to differentiate with respect to (default: all; a list
     gives gradients as a tuple, a single name gives one array).  ``dtype`` ("f32"/"f64")
     overrides the precision the annotations imply.  ``stable=False`` turns the stability
-    rewrites off (to compare with what a tape would compute).  Built once; later calls, in this
+    rewrites off (to compare with what a tape would compute).  ``backend="blas"`` lets large
+    matrix products call a BLAS (``pip install 'gradc[blas]'``; see :mod:`gradc.blas`); the
+    default ``"c"`` needs nothing but the C library.  ``threads=N`` (N > 1) builds with OpenMP
+    and shares each large loop nest between N threads; every call gives the same bits, for
+    any N > 1 (a sum over a whole loop box, summed in fixed chunks, may differ from threads=1
+    in its rounding).  None or 1: serial C without OpenMP.  Built once; later calls, in this
     process or another, load the module from the cache.
     """
     k = fn if isinstance(fn, Kernel) else as_kernel(fn)
-    key = (id(k), tuple(wrt) if isinstance(wrt, (list, tuple)) else wrt, dtype, tuple(cflags or ()), stable)
-    cached = _memo.get(key)
+    threads = _thread_count(threads)
+    wrt = list(wrt) if isinstance(wrt, (list, tuple)) else wrt
+    options = {"wrt": wrt, "dtype": dtype, "stable": stable, "backend": backend, "threads": threads}
+    digest = fingerprint.kernel_digest(k)
+    if digest is None:
+        # The kernel reads something the key cannot describe, which may have changed since
+        # an earlier compile in this process: trace again rather than risk a stale kernel.
+        k.retrace()
+        return _compile_traced(k, options, cflags)
+    key = fingerprint.compile_key(digest, options, list(cflags) if cflags else build.default_cflags())
+    cached = _memo.get((id(k), key))
     if cached is not None and cached.kernel is k:
         return cached
-    lowered = lower(k, wrt, dtype, stable=stable)
-    rendered, built = compile_many([lowered], lowered.spec.name, cflags=cflags)
-    compiled = CompiledKernel(lowered.meta, built.ffi, built.lib, c_source=rendered.c_source, header=rendered.header)
-    compiled.kernel = k
-    compiled.lowered = lowered
-    compiled.rendered = rendered
-    _memo[key] = compiled
+    compiled = _load_indexed(k, key, options) if _indexed(options) else None
+    if compiled is None:
+        if _traced_under.get(k) != digest:
+            k.retrace()
+            _traced_under[k] = digest
+        compiled = _compile_traced(k, options, cflags)
+        if _indexed(options):
+            build.write_index(key, compiled.module_name, meta=compiled.meta, c_source=compiled.c_source, header=compiled.header)
+    _memo[(id(k), key)] = compiled
     return compiled
 
 

@@ -1034,6 +1034,11 @@ class Kernel:
             self._traced = trace(self.fn, self.params)
         return self._traced
 
+    def retrace(self) -> Traced:
+        """Trace again, for when a global or closure value the function reads has changed."""
+        self._traced = trace(self.fn, self.params)
+        return self._traced
+
     def __call__(self, *args, **kwargs):
         if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
             return self.fn(*args, **kwargs)  # called from another kernel: inline it

@@ -12,16 +12,46 @@ from sympy.printing.c import C99CodePrinter
 
 
 #: float32 functions with a vectorisable implementation in templates/vecmath.c.j2
-VECTOR_MATH = {"exp": "gradc_expf", "log": "gradc_logf", "log1p": "gradc_log1pf", "tanh": "gradc_tanhf"}
+VECTOR_MATH = {
+    "exp": "gradc_expf",
+    "log": "gradc_logf",
+    "log1p": "gradc_log1pf",
+    "tanh": "gradc_tanhf",
+    "sin": "gradc_sinf",
+    "cos": "gradc_cosf",
+}
+_SHARED_BY_SIN_AND_COS = (
+    "gradc_quarter_turns",
+    "gradc_mod4",
+    "gradc_two_sum",
+    "gradc_two_over_pi_piece",
+    "gradc_sin_quarter_turns",
+)
 #: what each helper calls in turn, all the way down
 VECTOR_MATH_NEEDS = {
     "gradc_expf": ("gradc_float_of",),
     "gradc_logf": ("gradc_bits_of", "gradc_float_of"),
     "gradc_log1pf": ("gradc_logf", "gradc_bits_of", "gradc_float_of"),
     "gradc_tanhf": ("gradc_expf", "gradc_float_of"),
+    "gradc_sinf": _SHARED_BY_SIN_AND_COS + ("gradc_bits_of",),
+    "gradc_cosf": _SHARED_BY_SIN_AND_COS,
 }
 #: every helper, each after the ones it calls
-VECTOR_MATH_ORDER = ("gradc_bits_of", "gradc_float_of", "gradc_expf", "gradc_logf", "gradc_log1pf", "gradc_tanhf")
+VECTOR_MATH_ORDER = (
+    "gradc_bits_of",
+    "gradc_float_of",
+    "gradc_expf",
+    "gradc_logf",
+    "gradc_log1pf",
+    "gradc_tanhf",
+    "gradc_mod4",
+    "gradc_two_sum",
+    "gradc_two_over_pi_piece",
+    "gradc_quarter_turns",
+    "gradc_sin_quarter_turns",
+    "gradc_sinf",
+    "gradc_cosf",
+)
 
 
 class GradcCPrinter(C99CodePrinter):
@@ -62,6 +92,12 @@ class GradcCPrinter(C99CodePrinter):
 
     def _print_tanh(self, expr):
         return self._call("tanh", expr.args[0])
+
+    def _print_sin(self, expr):
+        return self._call("sin", expr.args[0])
+
+    def _print_cos(self, expr):
+        return self._call("cos", expr.args[0])
 
     def fn(self, name: str) -> str:
         return name + self.suffix

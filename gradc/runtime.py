@@ -2,19 +2,25 @@
 
 This module needs only NumPy and the cffi runtime (no SymPy, no compiler), because it is
 also copied into packages that ``gradc compile`` writes.  Every argument is checked before
-any C runs, so a wrong shape never reaches native code.
+a kernel runs, so a wrong shape never reaches its loops.
 
-For small kernels the Python around the C call is most of the cost, so a call whose arguments
-are C-contiguous arrays of the kernel's dtype, with shapes an earlier call has checked, skips
-the checks: whether shapes are valid, and the dimensions, output shapes and workspace size
-they give, depend on the shapes alone and are kept in a plan per tuple of shapes.
+For small kernels the Python around the C call is most of the cost.  ``__call__`` and
+``value_and_grad`` first hand their positional arguments to C functions in the extension
+(``templates/pycall.c.j2``) that check them, allocate the outputs and run the kernel; these
+decline (return None) anything that would need a conversion or whose shapes are not valid,
+and the Python path below takes over.  On that path, and for the other entry points, a call
+whose arguments are C-contiguous arrays of the kernel's dtype, with shapes an earlier call has
+checked, skips the checks: whether shapes are valid, and the dimensions, output shapes and
+workspace size they give, depend on the shapes alone and are kept in a plan per tuple of shapes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import threading
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -31,6 +37,39 @@ _empty = np.empty
 
 # Plans kept per kernel; a caller cycling through more shapes than this pays for the checks again.
 _MAX_PLANS = 64
+
+
+#: The entry points that Python calls directly in C (the rest go through cffi), in the
+#: order the extension hands them over.
+DIRECT_ENTRIES = ("forward", "value_and_grad")
+
+
+def python_calls_name(kernel_cname: str) -> str:
+    """The extension's function that hands over a kernel's direct calls from Python."""
+    return f"{kernel_cname}_python_calls"
+
+
+def _decline(args: tuple, workspace) -> None:
+    """Stands in for a direct call where NumPy's C API is unavailable: every call takes the Python path."""
+    return None
+
+
+def _direct_calls(meta: dict, ffi, lib) -> dict:
+    """The direct calls from Python of the kernel's ``forward`` and ``value_and_grad`` (see
+    ``templates/pycall.c.j2``), each ``fn(args, workspace)`` returning the result or None."""
+    entries = [e for e in DIRECT_ENTRIES if e in meta["entries"]]
+    calls = getattr(lib, python_calls_name(meta["name"]))()
+    if calls == ffi.NULL:
+        warnings.warn(
+            f"{meta['kernel']}: NumPy's C API could not be loaded in this kernel's extension (built against "
+            f"another NumPy?); calls take the slower Python path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return dict.fromkeys(entries, _decline)
+    # The extension keeps its own reference for the life of the process: this one is borrowed.
+    functions = ctypes.cast(int(ffi.cast("uintptr_t", calls)), ctypes.py_object).value
+    return dict(zip(entries, functions))
 
 
 def _fmt_shape(dims: Sequence) -> str:
@@ -63,7 +102,11 @@ class _Plan:
 
 
 class _Workspace(threading.local):
-    """The calling thread's workspace: threads running one kernel at once must not share it."""
+    """The calling thread's workspace: threads running one kernel at once must not share it.
+
+    ``buf`` is the memory, ``ptr`` its first 64-byte boundary for cffi and ``nbytes`` what
+    the kernel may use from there; the direct calls from C find the same boundary in ``buf``.
+    """
 
     nbytes = -1
     ptr = None
@@ -101,6 +144,9 @@ class CompiledKernel:
         self._wrt_single = bool(meta["wrt_single"])
         self._scalar_outputs = [len(o["shape"]) == 0 for o in meta["outputs"]]
         self._scalar_ok = bool(self.wrt) and "value_and_grad" in self._entries
+        direct = _direct_calls(meta, ffi, lib)
+        self._direct_forward = direct["forward"]
+        self._direct_value_and_grad = direct.get("value_and_grad", _decline)
 
     # -- argument checking --------------------------------------------------------------
     def _bind(self, args: tuple, kwargs: dict, what: str) -> list:
@@ -134,7 +180,9 @@ class CompiledKernel:
             )
         # Same-kind conversion (float64 -> float32 included), as NumPy does for ufunc outputs.
         # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
-        return np.asarray(arr, dtype=self.dtype, order="C")
+        arr = np.asarray(arr, dtype=self.dtype, order="C")
+        # The C loops may assume aligned elements (a vector load after peeling to alignment).
+        return arr if arr.flags.aligned else arr.copy()
 
     def _check(self, values: list) -> tuple[list[np.ndarray], dict]:
         bound: dict[str, int] = {}
@@ -187,8 +235,8 @@ class CompiledKernel:
     def _fast(self, args: tuple):
         """``(plan, pointers)`` when ``args`` can go to C as they are, else None.
 
-        That needs positional ndarrays of exactly the kernel's dtype, C-contiguous, whose
-        shapes an earlier call has checked (the checks depend on the shapes alone).
+        That needs positional ndarrays of exactly the kernel's dtype, C-contiguous and aligned,
+        whose shapes an earlier call has checked (the checks depend on the shapes alone).
         """
         if len(args) != len(self.param_names):
             return None
@@ -196,7 +244,7 @@ class CompiledKernel:
         for a in args:
             # An identical dtype object is the common case; an equal but distinct one (or a
             # subclass of ndarray) takes the checked path, which converts it.
-            if type(a) is not _ndarray or a.dtype is not dtype:
+            if type(a) is not _ndarray or a.dtype is not dtype or not a.flags.aligned:
                 return None
         plan = self._plans.get(tuple([a.shape for a in args]))
         if plan is None:
@@ -289,23 +337,23 @@ class CompiledKernel:
 
     # -- public API -------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        fast = None if kwargs else self._fast(args)
-        if fast is None:
-            arrays, plan = self._prepare(args, kwargs, "__call__")
-            fast = plan, self._pointers(arrays)
-        plan = fast[0]
-        return self._value(self._call(self._entries["forward"], plan, fast[1], plan.out_shapes))
+        if not kwargs:
+            result = self._direct_forward(args, self._local.buf)
+            if result is not None:
+                return result
+        plan, pointers, _shapes = self._arguments(args, kwargs, "__call__")
+        return self._value(self._call(self._entries["forward"], plan, pointers, plan.out_shapes))
 
     def value_and_grad(self, *args, **kwargs):
         """The (scalar) value and its gradients with respect to ``wrt``, in ``wrt`` order."""
         if not self._scalar_ok:
             self._need_scalar("value_and_grad")
-        fast = None if kwargs else self._fast(args)
-        if fast is None:
-            arrays, plan = self._prepare(args, kwargs, "value_and_grad")
-            fast = plan, self._pointers(arrays)
-        plan = fast[0]
-        results = self._call(self._entries["value_and_grad"], plan, fast[1], plan.grad_shapes)
+        if not kwargs:
+            result = self._direct_value_and_grad(args, self._local.buf)
+            if result is not None:
+                return result
+        plan, pointers, _shapes = self._arguments(args, kwargs, "value_and_grad")
+        results = self._call(self._entries["value_and_grad"], plan, pointers, plan.grad_shapes)
         # A scalar kernel has one 0-d output (in a tuple when the kernel returns ``(loss,)``).
         value = (results[0][()],) if self._tuple_output else results[0][()]
         return value, results[1] if self._wrt_single else tuple(results[1:])

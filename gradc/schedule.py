@@ -12,14 +12,18 @@ the results stay IEEE and reproducible (no ``-ffast-math``):
   max/min) accumulator after each block.  Lanes vectorise without reassociating anything
   at run time, and the blocked float32 sums stay accurate to about 1e-7 at any size.
 * ``tile``: a contraction whose innermost output axis is unit-stride (a matrix product,
-  and the weight gradient of one): the output is computed in register tiles of
+  and both gradients of one): the output is computed in register tiles of
   ``TILE_ROWS`` × ``TILE_COLS`` accumulators, the reduction loop inside, so each loaded
-  operand feeds several multiply-adds.  Sums are blocked like lanes: each block of
-  ``BLOCK`` reduction steps is added into a double tile.  The edges fall back to one
-  accumulator per element.
-* ``dots``: a contraction whose operands are contiguous along the reduction (A·Bᵀ, the
-  input gradient of a dense layer): ``TILE_DOTS`` × ``TILE_DOTS`` dot products at once, each
-  in lanes, so every loaded vector feeds several of them.
+  operand feeds several multiply-adds.  Operands read along the columns and the reduction
+  but not the rows (B of A·B, Bᵀ of A·Bᵀ, G of Xᵀ·G) are first *packed*: for each column
+  tile, copied into a contiguous panel of the workspace that every row tile then streams
+  through (strided or transposed reads happen once, not once per row tile).  Sums are
+  blocked like lanes: each block of ``BLOCK`` reduction steps is added into a double tile.
+  Rows left over at the bottom edge run as tiles of one row; columns left over at the
+  right edge fall back to one accumulator per element.
+* ``dots``: a contraction whose operands are contiguous along the reduction but that no
+  tile fits: ``TILE_DOTS`` × ``TILE_DOTS`` dot products at once, each in lanes, so every
+  loaded vector feeds several of them.
 * ``accumulate``: the output is filled with the reduction's identity, then updated in
   place with a unit-stride *output* loop innermost (scatters such as the adjoint of a
   broadcast or a slice).
@@ -27,6 +31,16 @@ the results stay IEEE and reproducible (no ``-ffast-math``):
 Nests of the same loop box — elementwise nodes and reductions over the whole box —
 run as one pass (a *group*): the value of a loss and its elementwise gradient are
 computed from one read of their inputs, with one CSE over all their bodies.
+
+With ``threads=N`` (OpenMP) a nest's outermost loop is shared between threads in static
+blocks, when its loop box is big enough to pay for waking them (:data:`PARALLEL_MIN_WORK`)
+and its iterations write distinct outputs: each output element is then computed by the
+same code in the same order whichever thread runs it.  A reduction over the whole loop
+box (a loss) instead splits its outermost loop into :data:`CHUNKS` fixed chunks whose
+partial results are combined in chunk order, so it too gives the same bits on every call
+and for every thread count.  So does a nest of one loop, the vectorised one: its chunks
+are whole blocks of :data:`BLOCK` elements, so that each element takes the same (vector or
+scalar) path as on one thread.  A scatter whose outermost loop is not an output axis stays serial.
 """
 
 from __future__ import annotations
@@ -43,12 +57,21 @@ LANES = 16
 #: Elements per lane block; each block's float32 partial sum goes into a double.
 BLOCK = 256
 #: Register tile of a contraction: rows of the second-innermost output axis × columns of the
-#: innermost (two 512-bit vectors of float), small enough to stay in registers.
-TILE_ROWS = 4
+#: innermost.  8 × 32 floats is 16 512-bit accumulators, enough independent multiply-adds
+#: to cover the FMA latency with one vector load of the packed panel and one broadcast per
+#: 16 FMAs; 4 × 32 was load-bound (8 FMAs per 6 loads).  With 256-bit vectors (AVX2) the
+#: tile spills a few registers and still beats 4 × 32, 6 × 32 and 6 × 16.
+TILE_ROWS = 8
 TILE_COLS = 32
 TILE_DOTS = 4
 #: Extents assumed for named dimensions when comparing loop orders (only the ratios matter).
 TYPICAL_EXTENT = 1000
+#: Loop-box points below which a nest stays on one thread: waking a team of threads costs
+#: microseconds, as much as tens of thousands of points of a simple loop.
+PARALLEL_MIN_WORK = 1 << 15
+#: Fixed chunks of a whole-box reduction's outermost loop, whatever the thread count (enough
+#: to balance a few threads; each holds one partial result).
+CHUNKS = 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,7 @@ class Schedule:
     acc_depth: int  # "reduce": accumulators live inside this many (output) loops
     lanes: bool  # the innermost loop runs in lanes (it is a reduction loop)
     tile: tuple[int | None, int] | None = None  # "tile", "dots": (row variable or None, column variable)
+    pack: tuple[int, ...] = ()  # "tile": operands (by position) copied into a panel per column tile
 
 
 def _coefficient(shape: Sequence[ir.Extent], index: ir.IndexMap, var: int) -> sp.Expr:
@@ -106,6 +130,38 @@ def _order_outer(node: ir.Map, outer: list[int], inner: Sequence[int]) -> list[i
     return order
 
 
+def _uses(index: ir.IndexMap, var: int) -> bool:
+    return any(a.var == var for a in index)
+
+
+def _packed_tile(node: ir.Map) -> Schedule | None:
+    """Register tiles over two output axes and one reduction, with the column operands packed.
+
+    The columns are the innermost output axis, which must be unit-stride in the output.  An
+    operand that the columns and the reduction index but the rows do not is packed, whatever
+    its strides; any other operand must be unit-stride or invariant along the columns, so
+    that a tile row is one vector of it.
+    """
+    out_vars, red_vars = node.out_vars(), node.reduced_vars()
+    if len(out_vars) < 2 or len(red_vars) != 1:
+        return None
+    *outer, row, col = out_vars
+    red = red_vars[0]
+    rows = sp.sympify(node.loop[row])
+    # A panel pays for its copy only when several row tiles read it.
+    if _coefficient(node.shape, node.out_index, col) != 1 or (rows.is_Integer and rows <= TILE_ROWS):
+        return None
+    pack = []
+    for i, op in enumerate(node.operands):
+        if _uses(op.index, col) and _uses(op.index, red) and not _uses(op.index, row) and op.node.dtype != "bool":
+            pack.append(i)
+        elif _coefficient(op.node.shape, op.index, col) not in (0, 1):
+            return None
+    if not pack:
+        return None
+    return Schedule("tile", tuple(outer + [col, row, red]), len(outer), False, (row, col), tuple(pack))
+
+
 def schedule(node: ir.Map) -> Schedule:
     n = len(node.loop)
     if n == 0:
@@ -116,6 +172,9 @@ def schedule(node: ir.Map) -> Schedule:
     if node.reduce is None:
         return Schedule("map", tuple(range(n)), 0, False)
     if node.is_gather_form():
+        packed = _packed_tile(node)
+        if packed is not None:
+            return packed
         if red_vars and _contiguous(node, red_vars[-1], with_output=False):
             if node.reduce == "sum" and len(out_vars) >= 2 and len(red_vars) == 1:
                 *outer, row, col = out_vars
@@ -192,3 +251,18 @@ def group_lanes(group: Sequence[ir.Map]) -> bool:
     inner = len(group[0].loop) - 1
     reduces = any(m.reduce is not None for m in group)
     return reduces and all(_contiguous(m, inner, with_output=m.reduce is None) for m in group)
+
+
+def parallel_form(group: Sequence[ir.Map], plan: Schedule) -> str | None:
+    """How a nest runs on several threads: ``"loop"`` (its outermost loop is split between
+    them), ``"chunks"`` (in fixed chunks: a whole-box reduction, or a nest of one loop) or
+    None (serially)."""
+    if not plan.order:
+        return None
+    if plan.kind == "accumulate":
+        # Iterations of the outer loop may share an output element unless it indexes an output axis.
+        outer = plan.order[0]
+        if not all(any(a.var == outer and a.stride != 0 for a in m.out_index) for m in group):
+            return None
+    whole_box = plan.kind in ("map", "reduce") and plan.acc_depth == 0 and any(m.reduce is not None for m in group)
+    return "chunks" if whole_box or len(plan.order) == 1 else "loop"

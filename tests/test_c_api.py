@@ -318,7 +318,7 @@ int main(void)
     float loss, dX[6], dW[6];
     double lossd, dXd[6], dWd[6];
     /* No temporaries would fit in less; both modules' sizes come from their own function. */
-    static double ws32[64], ws64[64];
+    static double ws32[512], ws64[512];
     int i, ok = sizeof ws32 >= f32_custom_layer_workspace_size(2, 3, 2) && sizeof ws64 >= f64_custom_layer_workspace_size(2, 3, 2);
     ok = ok && f32_custom_layer_value_and_grad(2, 3, 2, X, W, &loss, dX, dW, ws32) == GRADC_OK;
     ok = ok && f64_custom_layer_value_and_grad(2, 3, 2, Xd, Wd, &lossd, dXd, dWd, ws64) == GRADC_OK;

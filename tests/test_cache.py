@@ -93,7 +93,7 @@ def check_numbers(out: dict) -> None:
 
 def entries(cache: Path) -> dict[str, Path]:
     """The cache's entry folders by kernel name; fails on leftovers or duplicates."""
-    found = sorted(cache.iterdir())
+    found = sorted(p for p in cache.iterdir() if p.name not in ("index", "templates"))  # not entries
     assert all(not p.name.startswith(".") for p in found), f"staging or broken folders left behind: {found}"
     by_kernel = {}
     for name in KERNELS:

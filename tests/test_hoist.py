@@ -135,8 +135,9 @@ def test_gradient_penalty_workspace_has_no_inner_gradient_rows(penalty):
     k = gradc.compile(penalty, wrt=["input", "Wt"])
     (row,) = [line for line in k.show("stats").splitlines() if line.startswith("gradient_penalty_value_and_grad ")]
     # 6*B: the linear layer's output and its adjoint (B x 3 each); the inner gradient and
-    # everything computed from it are B-independent (no 4*B term)
-    assert row.endswith("4*(6*B + 25) bytes (+ padding, 10 buffers)"), row
+    # everything computed from it are B-independent (no 4*B term); 12 of the constant
+    # elements are a packed panel of Wt (see ``tile`` in gradc/schedule.py)
+    assert row.endswith("4*(6*B + 37) bytes (+ padding, 11 buffers)"), row
     # and the compiled kernel still computes the unhoisted graph's numbers
     graph = penalty.trace().graph
     outs = rewrite.fuse(graph.outputs)

@@ -79,6 +79,11 @@ def dot(x: f32["K"], y: f32["K"]):
 
 
 @gradc.kernel
+def strided_dots(A: f32["N", "K", "M"], B: f32["N", "M"]):
+    return gradc.einsum("nkm,nm->nk", A, B)
+
+
+@gradc.kernel
 def batched_weight_gradient(X: f32["B", "N", "K"], Y: f32["B", "N", "M"]):
     return gradc.einsum("bnk,bnm->km", X, Y)
 
@@ -109,6 +114,8 @@ def test_matmul_is_tiled_over_rows_and_columns():
     assert (out.loop[row], out.loop[col]) == (N, M)
     assert out.loop[plan.order[-1]] == K and plan.order[-1] in out.reduced_vars()
     assert plan.acc_depth == 0
+    (packed,) = plan.pack
+    assert out.operands[packed].node.param == "W"
 
 
 def test_vector_matrix_product_is_tiled_over_columns_only():
@@ -127,16 +134,32 @@ def test_weight_gradient_is_tiled():
     row, col = plan.tile
     assert (d_W.loop[row], d_W.loop[col]) == (K, M)
     assert [d_W.loop[v] for v in d_W.reduced_vars()] == [N]
+    # the cotangent's column tile (n, m) is packed; X is read one row tile (n, k) at a time
+    (packed,) = plan.pack
+    assert [a.var for a in d_W.operands[packed].index] == [d_W.reduced_vars()[0], col]
 
 
-def test_transposed_operand_dot_product_reduces_in_lanes():
+def test_transposed_operand_is_packed_into_a_tile():
     d_X = entry_outputs(matmul, "vjp")["d_X"]
-    # d_X[n, k] = Σ_m ct[n, m] W[k, m]: both operands are unit-stride along the reduction,
-    # so a block of (n, k) dot products runs at once, each in lanes along m
+    # d_X[n, k] = Σ_m ct[n, m] W[k, m]: W is read along the columns (k) with stride M, so each
+    # column tile of it is packed (transposed) into a panel that the row tiles stream through
     plan = schedule.schedule(d_X)
-    assert plan.kind == "dots" and plan.lanes
+    assert plan.kind == "tile" and not plan.lanes
+    row, col = plan.tile
+    assert (d_X.loop[row], d_X.loop[col]) == (N, K)
+    (packed,) = plan.pack
+    assert d_X.operands[packed].node.param == "W"
+    assert plan.order[-1] in d_X.reduced_vars() and d_X.loop[plan.order[-1]] == M
+
+
+def test_operand_strided_along_rows_and_columns_takes_dot_products():
+    # A[n, k, m] varies along the rows (n) and, with stride M, the columns (k): no panel of one
+    # column tile serves every row, but every operand is contiguous along the reduction (m)
+    out = entry_outputs(strided_dots, "forward", wrt=[])["out"]
+    plan = schedule.schedule(out)
+    assert plan.kind == "dots" and plan.lanes and not plan.pack
     assert plan.acc_depth == 0 and plan.tile == tuple(plan.order[:2])
-    assert d_X.loop[plan.order[-1]] == M
+    assert out.loop[plan.order[-1]] == M
 
 
 def test_slice_adjoints_are_scatters():

@@ -292,8 +292,8 @@ def test_stats_of_the_custom_layer(layer):
     for function, (nests, before, after, workspace) in rows.items():
         assert int(nests) == len(loop_nests(layer.c_source, function)), function
         assert int(before) > 0 and int(after) > 0
-    assert rows["custom_layer_forward"][3] == "4*M*N bytes (+ padding, 1 buffer)"
-    assert rows["custom_layer_value_and_grad"][3] == "8*M*N bytes (+ padding, 2 buffers)"
+    assert rows["custom_layer_forward"][3] == "4*(32*K + M*N) bytes (+ padding, 2 buffers)"
+    assert rows["custom_layer_value_and_grad"][3] == "8*(16*K + M*N + 16*M + 16*N) bytes (+ padding, 5 buffers)"
 
 
 def test_stats_workspace_formula_is_the_workspace_size(layer):
@@ -308,7 +308,7 @@ def test_stats_workspace_formula_is_the_workspace_size(layer):
 
 def test_stats_in_f64_and_without_workspace(compiled):
     stats64 = view_without_building(compiled["custom_layer"].kernel, "stats", dtype="f64")
-    assert "16*M*N bytes (+ padding, 2 buffers)" in stats64
+    assert "16*(8*K + M*N + 8*M + 8*N) bytes (+ padding, 5 buffers)" in stats64
     rows = stats_rows(compiled["computation_graph"].show("stats"))
     assert all(row[3] == "none" for row in rows.values())
 

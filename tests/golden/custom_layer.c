@@ -21,10 +21,111 @@
 #define restrict __restrict
 #endif
 
+/* The loops are already in the order gradc chose. GCC's loop interchange would turn a
+ * register tile inside out when the reduction has a fixed extent (its accumulators then
+ * live in memory: half the speed). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize ("no-loop-interchange")
+#endif
+
 /* Workspace buffers start on multiples of 16 elements: whole cache lines and vectors. */
 static inline ptrdiff_t gradc_round_up(ptrdiff_t n)
 {
     return (n + 15) / 16 * 16;
+}
+/* Reinterpreting float bits through a union is defined in C99 and vectorises. */
+typedef char gradc_int_is_32_bits[sizeof(int) == 4 && sizeof(float) == 4 ? 1 : -1];
+typedef union { float f; int i; } gradc_bits;
+static inline int gradc_bits_of(float x) { gradc_bits u; u.f = x; return u.i; }
+/* p minus the multiple of 4 nearest to it, exactly, for 0 <= p < 2^54 (adding 2^54 rounds p to
+   a multiple of 4): whole turns of 2 pi drop out of a count of quarter turns. */
+static inline double gradc_mod4(double p)
+{
+    return p - ((p + 0x1p54) - 0x1p54);
+}
+/* a + b = s + *err exactly, whatever the magnitudes (Knuth's TwoSum). */
+static inline double gradc_two_sum(double a, double b, double *err)
+{
+    const double s = a + b;
+    const double b_in_s = s - a;
+    *err = (a - (s - b_in_s)) + (b - b_in_s);
+    return s;
+}
+/* Piece k + j of 2/pi cut into pieces of 29 bits (piece i holds bits 29i+1 to 29i+29), where
+   the first k = 0..3 pieces times a give multiples of 4: the last bit of a float from 2^54,
+   2^83 and 2^112 on times the last bit of piece 0, 1 and 2 is worth 4 or more.  Selected by
+   comparisons, not indexed by k, so that no lane needs a gather. */
+static inline double gradc_two_over_pi_piece(float a, int j)
+{
+    static const double piece[8] = {
+        0x1.45f306dp-1, 0x1.9391054p-30, 0x1.4fe13abp-59, 0x1.d1f534dp-88,
+        0x1.b81b6c5p-117, 0x1.5993c4p-148, 0x1.c820ff2p-175, 0x1.163abdep-204,
+    };
+    const double skip0 = a >= 0x1p54f ? piece[j + 1] : piece[j];
+    const double skip1 = a >= 0x1p83f ? piece[j + 2] : skip0;
+    return a >= 0x1p112f ? piece[j + 3] : skip1;
+}
+/* |x| 2/pi = n + f with n an integer and |f| <= 1/2: returns f, and n mod 4 in *quadrant.
+   For every finite float up to FLT_MAX, branch-free (Payne-Hanek in doubles): |x| times a
+   29-bit piece of 2/pi is an exact double (24 by 29 bits).  The first k pieces give
+   multiples of 4 and are skipped; of the next five, the two large products shed their
+   multiples of 4 exactly and TwoSum adds the three largest, so f is off by less than 2^-90.
+   No float from 1 up lies nearer than |f| = 2^-30 to a multiple of pi/2 (a sweep of all
+   floats), and below 1 f is |x| 2/pi itself: f keeps about 53 bits.  Inf and NaN give 0. */
+static inline double gradc_quarter_turns(float x, int *quadrant)
+{
+    const float a = fabsf(x);
+    const double d = a < HUGE_VALF ? (double)a : 0.0;
+    /* Below 2^54, 2^26, 2^-4, 2^-33 and 2^-62 in turn: only the first two reach 4. */
+    const double p0 = d * gradc_two_over_pi_piece(a, 0);
+    const double p1 = d * gradc_two_over_pi_piece(a, 1);
+    const double p2 = d * gradc_two_over_pi_piece(a, 2);
+    const double p3 = d * gradc_two_over_pi_piece(a, 3);
+    const double p4 = d * gradc_two_over_pi_piece(a, 4);
+    double e0, e1;
+    double s = gradc_two_sum(gradc_mod4(p0), gradc_mod4(p1), &e0);
+    s = gradc_two_sum(s, p2, &e1);
+    const double n = (s + 0x1.8p52) - 0x1.8p52;  /* |s| < 5: round to nearest */
+    *quadrant = (int)n & 3;
+    return (s - n) + (((e0 + e1) + p3) + p4);
+}
+/* sin(pi/2 (q + f)) for |f| <= 1/2: +-sin or +-cos of pi/2 f by the quadrant q.  Both
+   polynomials (minimax in f^2, relative error below 2^-37 and 2^-33) are evaluated and one
+   is selected; in double, so the float result is within about 0.5 ulp. */
+static inline double gradc_sin_quarter_turns(double f, int q)
+{
+    const double z = f * f;
+    double s = 0x1.4bc254ddb35e8p-13;
+    s = s * z - 0x1.32ca854a983c8p-8;
+    s = s * z + 0x1.466bba8bf77e6p-4;
+    s = s * z - 0x1.4abbce564cd23p-1;
+    s = s * z + 0x1.921fb5443af5fp+0;
+    s = s * f;
+    double c = 0x1.d9c32568a09cep-11;
+    c = c * z - 0x1.55c5e244fbcccp-6;
+    c = c * z + 0x1.03c1de8abcaf9p-2;
+    c = c * z - 0x1.3bd3cc81c5ca0p+0;
+    c = c * z + 1.0;
+    const double y = (q & 1) ? c : s;
+    return (q & 2) ? -y : y;
+}
+/* sin(x) = sign(x) sin(|x|): the reduction works on |x|, so sin(-0) is -0. */
+static inline float gradc_sinf(float x)
+{
+    int q;
+    const double f = gradc_quarter_turns(x, &q);
+    const float y = (float)gradc_sin_quarter_turns(f, q);
+    const float signed_y = gradc_bits_of(x) < 0 ? -y : y;
+    return fabsf(x) < HUGE_VALF ? signed_y : x - x;  /* Inf and NaN give NaN */
+}
+/* cos(x) = sin(|x| + pi/2): one quadrant on.  A kernel computing sin(u) and cos(u) shares
+   the reduction and both polynomials once the compiler has inlined the two calls. */
+static inline float gradc_cosf(float x)
+{
+    int q;
+    const double f = gradc_quarter_turns(x, &q);
+    const float y = (float)gradc_sin_quarter_turns(f, q + 1);
+    return fabsf(x) < HUGE_VALF ? y : x - x;  /* Inf and NaN give NaN */
 }
 
 /* ======================================================================== custom_layer */
@@ -33,15 +134,15 @@ size_t custom_layer_workspace_size(ptrdiff_t N, ptrdiff_t K, ptrdiff_t M)
 {
     size_t gradc_need = 0, gradc_n;
     if (N < 0 || K < 0 || M < 0) return 0;
-    gradc_n = (size_t)(gradc_round_up(M*N));  /* custom_layer_forward */
+    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K));  /* custom_layer_forward */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(M*N));  /* custom_layer_value_and_grad */
+    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*N));  /* custom_layer_value_and_grad */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(M*N));  /* custom_layer_vjp */
+    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*N));  /* custom_layer_vjp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(M*N));  /* custom_layer_jvp */
+    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*K));  /* custom_layer_jvp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(M*N));  /* custom_layer_hvp */
+    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M) + gradc_round_up(32*N) + gradc_round_up(32*N));  /* custom_layer_hvp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
     return gradc_need * sizeof(float);
 }
@@ -60,37 +161,45 @@ int custom_layer_forward(
 {
     if (N < 0 || K < 0 || M < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* M*N elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(M*N);  /* 32*K elements */
 
     /* matmul[n, m] += W[k, m]*X[n, k]   (over k)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t row_full = N / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel[32*k + gj] = W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < K; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t n = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
+                                (void)m;
                                 const float X_nk = X[K*n + k];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel[32*k + gj];
                                 const float term_matmul = W_km*X_nk;
                                 tile[gi][gj] += term_matmul;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -98,24 +207,44 @@ int custom_layer_forward(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < K; ++k) {
-                        const float X_nk = X[K*n + k];
-                        const float W_km = W[M*k + m];
-                        const float term_matmul = W_km*X_nk;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < K; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float X_nk = X[K*n + k];
+                                const float W_km = panel[32*k + gj];
+                                const float term_matmul = W_km*X_nk;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[M*n + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        matmul[M*n + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < K; ++k) {
                     const float X_nk = X[K*n + k];
@@ -142,7 +271,7 @@ int custom_layer_forward(
                 for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
                     const ptrdiff_t m = m_lane + gradc_l;
                     const float matmul_nm = matmul[M*n + m];
-                    const float term_out = (sinf(matmul_nm)*sinf(matmul_nm));
+                    const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
                     lanes_out[gradc_l] += term_out;
                 }
             }
@@ -150,7 +279,7 @@ int custom_layer_forward(
             for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
             for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                 const float matmul_nm = matmul[M*n + m];
-                const float term_out = (sinf(matmul_nm)*sinf(matmul_nm));
+                const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
                 part_out += term_out;
             }
             acc_out += part_out;
@@ -176,38 +305,48 @@ int custom_layer_value_and_grad(
 {
     if (N < 0 || K < 0 || M < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* M*N elements */
-    float *restrict d_matmul = (float *)workspace + gradc_round_up(M*N);  /* M*N elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(M*N);  /* 32*K elements */
+    float *restrict d_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K);  /* M*N elements */
+    float *restrict panel_1 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N);  /* 32*M elements */
+    float *restrict panel_2 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M);  /* 32*N elements */
 
     /* matmul[n, m] += W[k, m]*X[n, k]   (over k)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t row_full = N / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel[32*k + gj] = W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < K; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t n = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
+                                (void)m;
                                 const float X_nk = X[K*n + k];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel[32*k + gj];
                                 const float term_matmul = W_km*X_nk;
                                 tile[gi][gj] += term_matmul;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -215,24 +354,44 @@ int custom_layer_value_and_grad(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < K; ++k) {
-                        const float X_nk = X[K*n + k];
-                        const float W_km = W[M*k + m];
-                        const float term_matmul = W_km*X_nk;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < K; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float X_nk = X[K*n + k];
+                                const float W_km = panel[32*k + gj];
+                                const float term_matmul = W_km*X_nk;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[M*n + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        matmul[M*n + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < K; ++k) {
                     const float X_nk = X[K*n + k];
@@ -260,9 +419,9 @@ int custom_layer_value_and_grad(
                 for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
                     const ptrdiff_t m = m_lane + gradc_l;
                     const float matmul_nm = matmul[M*n + m];
-                    const float t0 = sinf(matmul_nm);
+                    const float t0 = gradc_sinf(matmul_nm);
                     const float term_out = (t0*t0);
-                    d_matmul[M*n + m] = 2*t0*cosf(matmul_nm);
+                    d_matmul[M*n + m] = 2*t0*gradc_cosf(matmul_nm);
                     lanes_out[gradc_l] += term_out;
                 }
             }
@@ -270,9 +429,9 @@ int custom_layer_value_and_grad(
             for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
             for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                 const float matmul_nm = matmul[M*n + m];
-                const float t0 = sinf(matmul_nm);
+                const float t0 = gradc_sinf(matmul_nm);
                 const float term_out = (t0*t0);
-                d_matmul[M*n + m] = 2*t0*cosf(matmul_nm);
+                d_matmul[M*n + m] = 2*t0*gradc_cosf(matmul_nm);
                 part_out += term_out;
             }
             acc_out += part_out;
@@ -282,77 +441,86 @@ int custom_layer_value_and_grad(
 
     /* d_X[n, k] += W[k, m]*d_matmul[n, m]   (over m)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
-        const ptrdiff_t col_full = K / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
-                double wide[4][4];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = N / 8 * 8;
+        const ptrdiff_t col_full = K / 32 * 32;
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t m = 0; m < M; ++m) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t k = col0 + gj;
+                    panel_1[32*m + gj] = W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < M; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
-                    float tile[4][4][16];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 4; ++gj)
-                            for (int l = 0; l < 16; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t m_lane = blk;
-                    for (; m_lane + 16 <= blk_end; m_lane += 16) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                for (int l = 0; l < 16; ++l) {
-                                    const ptrdiff_t n = row0 + gi;
-                                    const ptrdiff_t k = col0 + gj;
-                                    const ptrdiff_t m = m_lane + l;
-                                    const float d_matmul_nm = d_matmul[M*n + m];
-                                    const float W_km = W[M*k + m];
-                                    const float term_d_X = W_km*d_matmul_nm;
-                                    tile[gi][gj][l] += term_d_X;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 4; ++gj) {
-                            const ptrdiff_t n = row0 + gi;
-                            const ptrdiff_t k = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 16; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t m = m_lane; m < blk_end; ++m) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t m = blk; m < blk_end; ++m) {
+                        for (int gi = 0; gi < 8; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t k = col0 + gj;
+                                (void)k;
                                 const float d_matmul_nm = d_matmul[M*n + m];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel_1[32*m + gj];
                                 const float term_d_X = W_km*d_matmul_nm;
-                                part += term_d_X;
+                                tile[gi][gj] += term_d_X;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 4; ++gj) {
+                for (int gi = 0; gi < 8; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t k = col0 + gj;
                         d_X[K*n + k] = (float)wide[gi][gj];
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t k = col_full; k < K; ++k) {
-                    double acc = 0;
-                    for (ptrdiff_t m = 0; m < M; ++m) {
-                        const float d_matmul_nm = d_matmul[M*n + m];
-                        const float W_km = W[M*k + m];
-                        const float term_d_X = W_km*d_matmul_nm;
-                        acc += term_d_X;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < M; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t m = blk; m < blk_end; ++m) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t k = col0 + gj;
+                                (void)k;
+                                const float d_matmul_nm = d_matmul[M*n + m];
+                                const float W_km = panel_1[32*m + gj];
+                                const float term_d_X = W_km*d_matmul_nm;
+                                tile[gi][gj] += term_d_X;
+                            }
+                        }
                     }
-                    d_X[K*n + k] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t k = col0 + gj;
+                        d_X[K*n + k] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t k = 0; k < K; ++k) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t k = col_full; k < K; ++k) {
                 double acc = 0;
                 for (ptrdiff_t m = 0; m < M; ++m) {
                     const float d_matmul_nm = d_matmul[M*n + m];
@@ -367,34 +535,41 @@ int custom_layer_value_and_grad(
 
     /* d_W[k, m] += X[n, k]*d_matmul[n, m]   (over n)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = K / 4 * 4;
+        const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t n = 0; n < N; ++n) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel_2[32*n + gj] = d_matmul[M*n + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < N; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < N ? blk + 256 : N;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t n = blk; n < blk_end; ++n) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t k = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
-                                const float d_matmul_nm = d_matmul[M*n + m];
+                                (void)m;
+                                const float d_matmul_nm = panel_2[32*n + gj];
                                 const float X_nk = X[K*n + k];
                                 const float term_d_W = X_nk*d_matmul_nm;
                                 tile[gi][gj] += term_d_W;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t k = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -402,24 +577,44 @@ int custom_layer_value_and_grad(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t k = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t n = 0; n < N; ++n) {
-                        const float d_matmul_nm = d_matmul[M*n + m];
-                        const float X_nk = X[K*n + k];
-                        const float term_d_W = X_nk*d_matmul_nm;
-                        acc += term_d_W;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < K; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < N; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < N ? blk + 256 : N;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t n = blk; n < blk_end; ++n) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t k = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float d_matmul_nm = panel_2[32*n + gj];
+                                const float X_nk = X[K*n + k];
+                                const float term_d_W = X_nk*d_matmul_nm;
+                                tile[gi][gj] += term_d_W;
+                            }
+                        }
                     }
-                    d_W[M*k + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t k = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        d_W[M*k + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t k = row_full; k < K; ++k) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t k = 0; k < K; ++k) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t n = 0; n < N; ++n) {
                     const float d_matmul_nm = d_matmul[M*n + m];
@@ -452,38 +647,48 @@ int custom_layer_vjp(
 {
     if (N < 0 || K < 0 || M < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* M*N elements */
-    float *restrict d_matmul = (float *)workspace + gradc_round_up(M*N);  /* M*N elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(M*N);  /* 32*K elements */
+    float *restrict d_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K);  /* M*N elements */
+    float *restrict panel_1 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N);  /* 32*M elements */
+    float *restrict panel_2 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M);  /* 32*N elements */
 
     /* matmul[n, m] += W[k, m]*X[n, k]   (over k)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t row_full = N / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel[32*k + gj] = W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < K; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t n = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
+                                (void)m;
                                 const float X_nk = X[K*n + k];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel[32*k + gj];
                                 const float term_matmul = W_km*X_nk;
                                 tile[gi][gj] += term_matmul;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -491,24 +696,44 @@ int custom_layer_vjp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < K; ++k) {
-                        const float X_nk = X[K*n + k];
-                        const float W_km = W[M*k + m];
-                        const float term_matmul = W_km*X_nk;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < K; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float X_nk = X[K*n + k];
+                                const float W_km = panel[32*k + gj];
+                                const float term_matmul = W_km*X_nk;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[M*n + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        matmul[M*n + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < K; ++k) {
                     const float X_nk = X[K*n + k];
@@ -537,9 +762,9 @@ int custom_layer_vjp(
                     const ptrdiff_t m = m_lane + gradc_l;
                     const float matmul_nm = matmul[M*n + m];
                     const float ct_out_ = ct_out[0];
-                    const float t0 = sinf(matmul_nm);
+                    const float t0 = gradc_sinf(matmul_nm);
                     const float term_out = (t0*t0);
-                    d_matmul[M*n + m] = 2*ct_out_*t0*cosf(matmul_nm);
+                    d_matmul[M*n + m] = 2*ct_out_*t0*gradc_cosf(matmul_nm);
                     lanes_out[gradc_l] += term_out;
                 }
             }
@@ -548,9 +773,9 @@ int custom_layer_vjp(
             for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                 const float matmul_nm = matmul[M*n + m];
                 const float ct_out_ = ct_out[0];
-                const float t0 = sinf(matmul_nm);
+                const float t0 = gradc_sinf(matmul_nm);
                 const float term_out = (t0*t0);
-                d_matmul[M*n + m] = 2*ct_out_*t0*cosf(matmul_nm);
+                d_matmul[M*n + m] = 2*ct_out_*t0*gradc_cosf(matmul_nm);
                 part_out += term_out;
             }
             acc_out += part_out;
@@ -560,77 +785,86 @@ int custom_layer_vjp(
 
     /* d_X[n, k] += W[k, m]*d_matmul[n, m]   (over m)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
-        const ptrdiff_t col_full = K / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
-                double wide[4][4];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = N / 8 * 8;
+        const ptrdiff_t col_full = K / 32 * 32;
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t m = 0; m < M; ++m) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t k = col0 + gj;
+                    panel_1[32*m + gj] = W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < M; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
-                    float tile[4][4][16];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 4; ++gj)
-                            for (int l = 0; l < 16; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t m_lane = blk;
-                    for (; m_lane + 16 <= blk_end; m_lane += 16) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                for (int l = 0; l < 16; ++l) {
-                                    const ptrdiff_t n = row0 + gi;
-                                    const ptrdiff_t k = col0 + gj;
-                                    const ptrdiff_t m = m_lane + l;
-                                    const float d_matmul_nm = d_matmul[M*n + m];
-                                    const float W_km = W[M*k + m];
-                                    const float term_d_X = W_km*d_matmul_nm;
-                                    tile[gi][gj][l] += term_d_X;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 4; ++gj) {
-                            const ptrdiff_t n = row0 + gi;
-                            const ptrdiff_t k = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 16; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t m = m_lane; m < blk_end; ++m) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t m = blk; m < blk_end; ++m) {
+                        for (int gi = 0; gi < 8; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t k = col0 + gj;
+                                (void)k;
                                 const float d_matmul_nm = d_matmul[M*n + m];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel_1[32*m + gj];
                                 const float term_d_X = W_km*d_matmul_nm;
-                                part += term_d_X;
+                                tile[gi][gj] += term_d_X;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 4; ++gj) {
+                for (int gi = 0; gi < 8; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t k = col0 + gj;
                         d_X[K*n + k] = (float)wide[gi][gj];
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t k = col_full; k < K; ++k) {
-                    double acc = 0;
-                    for (ptrdiff_t m = 0; m < M; ++m) {
-                        const float d_matmul_nm = d_matmul[M*n + m];
-                        const float W_km = W[M*k + m];
-                        const float term_d_X = W_km*d_matmul_nm;
-                        acc += term_d_X;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < M; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t m = blk; m < blk_end; ++m) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t k = col0 + gj;
+                                (void)k;
+                                const float d_matmul_nm = d_matmul[M*n + m];
+                                const float W_km = panel_1[32*m + gj];
+                                const float term_d_X = W_km*d_matmul_nm;
+                                tile[gi][gj] += term_d_X;
+                            }
+                        }
                     }
-                    d_X[K*n + k] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t k = col0 + gj;
+                        d_X[K*n + k] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t k = 0; k < K; ++k) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t k = col_full; k < K; ++k) {
                 double acc = 0;
                 for (ptrdiff_t m = 0; m < M; ++m) {
                     const float d_matmul_nm = d_matmul[M*n + m];
@@ -645,34 +879,41 @@ int custom_layer_vjp(
 
     /* d_W[k, m] += X[n, k]*d_matmul[n, m]   (over n)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = K / 4 * 4;
+        const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t n = 0; n < N; ++n) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel_2[32*n + gj] = d_matmul[M*n + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < N; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < N ? blk + 256 : N;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t n = blk; n < blk_end; ++n) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t k = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
-                                const float d_matmul_nm = d_matmul[M*n + m];
+                                (void)m;
+                                const float d_matmul_nm = panel_2[32*n + gj];
                                 const float X_nk = X[K*n + k];
                                 const float term_d_W = X_nk*d_matmul_nm;
                                 tile[gi][gj] += term_d_W;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t k = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -680,24 +921,44 @@ int custom_layer_vjp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t k = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t n = 0; n < N; ++n) {
-                        const float d_matmul_nm = d_matmul[M*n + m];
-                        const float X_nk = X[K*n + k];
-                        const float term_d_W = X_nk*d_matmul_nm;
-                        acc += term_d_W;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < K; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < N; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < N ? blk + 256 : N;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t n = blk; n < blk_end; ++n) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t k = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float d_matmul_nm = panel_2[32*n + gj];
+                                const float X_nk = X[K*n + k];
+                                const float term_d_W = X_nk*d_matmul_nm;
+                                tile[gi][gj] += term_d_W;
+                            }
+                        }
                     }
-                    d_W[M*k + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t k = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        d_W[M*k + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t k = row_full; k < K; ++k) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t k = 0; k < K; ++k) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t n = 0; n < N; ++n) {
                     const float d_matmul_nm = d_matmul[M*n + m];
@@ -730,38 +991,47 @@ int custom_layer_jvp(
 {
     if (N < 0 || K < 0 || M < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* M*N elements */
-    float *restrict t_matmul = (float *)workspace + gradc_round_up(M*N);  /* M*N elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(M*N);  /* 32*K elements */
+    float *restrict t_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K);  /* M*N elements */
+    float *restrict panel_1 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N);  /* 32*K elements */
 
     /* matmul[n, m] += W[k, m]*X[n, k]   (over k)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t row_full = N / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel[32*k + gj] = W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < K; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t n = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
+                                (void)m;
                                 const float X_nk = X[K*n + k];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel[32*k + gj];
                                 const float term_matmul = W_km*X_nk;
                                 tile[gi][gj] += term_matmul;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -769,24 +1039,44 @@ int custom_layer_jvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < K; ++k) {
-                        const float X_nk = X[K*n + k];
-                        const float W_km = W[M*k + m];
-                        const float term_matmul = W_km*X_nk;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < K; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float X_nk = X[K*n + k];
+                                const float W_km = panel[32*k + gj];
+                                const float term_matmul = W_km*X_nk;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[M*n + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        matmul[M*n + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < K; ++k) {
                     const float X_nk = X[K*n + k];
@@ -813,7 +1103,7 @@ int custom_layer_jvp(
                 for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
                     const ptrdiff_t m = m_lane + gradc_l;
                     const float matmul_nm = matmul[M*n + m];
-                    const float term_out = (sinf(matmul_nm)*sinf(matmul_nm));
+                    const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
                     lanes_out[gradc_l] += term_out;
                 }
             }
@@ -821,7 +1111,7 @@ int custom_layer_jvp(
             for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
             for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                 const float matmul_nm = matmul[M*n + m];
-                const float term_out = (sinf(matmul_nm)*sinf(matmul_nm));
+                const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
                 part_out += term_out;
             }
             acc_out += part_out;
@@ -831,36 +1121,44 @@ int custom_layer_jvp(
 
     /* t_matmul[n, m] += W[k, m]*t_X[n, k] + X[n, k]*t_W[k, m]   (over k)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t row_full = N / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel[32*k + gj] = W[M*k + m];
+                    panel_1[32*k + gj] = t_W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < K; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t n = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
+                                (void)m;
                                 const float X_nk = X[K*n + k];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel[32*k + gj];
                                 const float t_X_nk = t_X[K*n + k];
-                                const float t_W_km = t_W[M*k + m];
+                                const float t_W_km = panel_1[32*k + gj];
                                 const float term_t_matmul = W_km*t_X_nk + X_nk*t_W_km;
                                 tile[gi][gj] += term_t_matmul;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -868,26 +1166,46 @@ int custom_layer_jvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < K; ++k) {
-                        const float X_nk = X[K*n + k];
-                        const float W_km = W[M*k + m];
-                        const float t_X_nk = t_X[K*n + k];
-                        const float t_W_km = t_W[M*k + m];
-                        const float term_t_matmul = W_km*t_X_nk + X_nk*t_W_km;
-                        acc += term_t_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < K; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float X_nk = X[K*n + k];
+                                const float W_km = panel[32*k + gj];
+                                const float t_X_nk = t_X[K*n + k];
+                                const float t_W_km = panel_1[32*k + gj];
+                                const float term_t_matmul = W_km*t_X_nk + X_nk*t_W_km;
+                                tile[gi][gj] += term_t_matmul;
+                            }
+                        }
                     }
-                    t_matmul[M*n + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        t_matmul[M*n + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < K; ++k) {
                     const float X_nk = X[K*n + k];
@@ -917,7 +1235,7 @@ int custom_layer_jvp(
                     const ptrdiff_t m = m_lane + gradc_l;
                     const float matmul_nm = matmul[M*n + m];
                     const float t_matmul_nm = t_matmul[M*n + m];
-                    const float term_t_out = 2*t_matmul_nm*sinf(matmul_nm)*cosf(matmul_nm);
+                    const float term_t_out = 2*t_matmul_nm*gradc_sinf(matmul_nm)*gradc_cosf(matmul_nm);
                     lanes_t_out[gradc_l] += term_t_out;
                 }
             }
@@ -926,7 +1244,7 @@ int custom_layer_jvp(
             for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                 const float matmul_nm = matmul[M*n + m];
                 const float t_matmul_nm = t_matmul[M*n + m];
-                const float term_t_out = 2*t_matmul_nm*sinf(matmul_nm)*cosf(matmul_nm);
+                const float term_t_out = 2*t_matmul_nm*gradc_sinf(matmul_nm)*gradc_cosf(matmul_nm);
                 part_t_out += term_t_out;
             }
             acc_t_out += part_t_out;
@@ -953,40 +1271,53 @@ int custom_layer_hvp(
 {
     if (N < 0 || K < 0 || M < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* M*N elements */
-    float *restrict d_matmul = (float *)workspace + gradc_round_up(M*N);  /* M*N elements */
-    float *restrict t_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(M*N);  /* M*N elements */
-    float *restrict t_d_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(M*N);  /* M*N elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(M*N);  /* 32*K elements */
+    float *restrict d_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K);  /* M*N elements */
+    float *restrict t_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N);  /* M*N elements */
+    float *restrict panel_1 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N);  /* 32*K elements */
+    float *restrict t_d_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K);  /* M*N elements */
+    float *restrict panel_2 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N);  /* 32*M elements */
+    float *restrict panel_3 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M);  /* 32*M elements */
+    float *restrict panel_4 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M);  /* 32*N elements */
+    float *restrict panel_5 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M) + gradc_round_up(32*N);  /* 32*N elements */
 
     /* matmul[n, m] += W[k, m]*X[n, k]   (over k)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t row_full = N / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel[32*k + gj] = W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < K; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t n = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
+                                (void)m;
                                 const float X_nk = X[K*n + k];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel[32*k + gj];
                                 const float term_matmul = W_km*X_nk;
                                 tile[gi][gj] += term_matmul;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -994,24 +1325,44 @@ int custom_layer_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < K; ++k) {
-                        const float X_nk = X[K*n + k];
-                        const float W_km = W[M*k + m];
-                        const float term_matmul = W_km*X_nk;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < K; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float X_nk = X[K*n + k];
+                                const float W_km = panel[32*k + gj];
+                                const float term_matmul = W_km*X_nk;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[M*n + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        matmul[M*n + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < K; ++k) {
                     const float X_nk = X[K*n + k];
@@ -1028,42 +1379,50 @@ int custom_layer_hvp(
     for (ptrdiff_t n = 0; n < N; ++n) {
         for (ptrdiff_t m = 0; m < M; ++m) {
             const float matmul_nm = matmul[M*n + m];
-            d_matmul[M*n + m] = 2*sinf(matmul_nm)*cosf(matmul_nm);
+            d_matmul[M*n + m] = 2*gradc_sinf(matmul_nm)*gradc_cosf(matmul_nm);
         }
     }
 
     /* t_matmul[n, m] += W[k, m]*v_X[n, k] + X[n, k]*v_W[k, m]   (over k)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
+        const ptrdiff_t row_full = N / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t k = 0; k < K; ++k) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel[32*k + gj] = W[M*k + m];
+                    panel_1[32*k + gj] = v_W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < K; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t n = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
+                                (void)m;
                                 const float X_nk = X[K*n + k];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel[32*k + gj];
                                 const float v_X_nk = v_X[K*n + k];
-                                const float v_W_km = v_W[M*k + m];
+                                const float v_W_km = panel_1[32*k + gj];
                                 const float term_t_matmul = W_km*v_X_nk + X_nk*v_W_km;
                                 tile[gi][gj] += term_t_matmul;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -1071,26 +1430,46 @@ int custom_layer_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < K; ++k) {
-                        const float X_nk = X[K*n + k];
-                        const float W_km = W[M*k + m];
-                        const float v_X_nk = v_X[K*n + k];
-                        const float v_W_km = v_W[M*k + m];
-                        const float term_t_matmul = W_km*v_X_nk + X_nk*v_W_km;
-                        acc += term_t_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < K; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < K ? blk + 256 : K;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float X_nk = X[K*n + k];
+                                const float W_km = panel[32*k + gj];
+                                const float v_X_nk = v_X[K*n + k];
+                                const float v_W_km = panel_1[32*k + gj];
+                                const float term_t_matmul = W_km*v_X_nk + X_nk*v_W_km;
+                                tile[gi][gj] += term_t_matmul;
+                            }
+                        }
                     }
-                    t_matmul[M*n + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        t_matmul[M*n + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < K; ++k) {
                     const float X_nk = X[K*n + k];
@@ -1110,89 +1489,97 @@ int custom_layer_hvp(
         for (ptrdiff_t m = 0; m < M; ++m) {
             const float matmul_nm = matmul[M*n + m];
             const float t_matmul_nm = t_matmul[M*n + m];
-            t_d_matmul[M*n + m] = t_matmul_nm*(-2*(sinf(matmul_nm)*sinf(matmul_nm)) + 2*(cosf(matmul_nm)*cosf(matmul_nm)));
+            t_d_matmul[M*n + m] = t_matmul_nm*(-2*(gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm)) + 2*(gradc_cosf(matmul_nm)*gradc_cosf(matmul_nm)));
         }
     }
 
     /* hv_X[n, k] += W[k, m]*t_d_matmul[n, m] + d_matmul[n, m]*v_W[k, m]   (over m)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = N / 4 * 4;
-        const ptrdiff_t col_full = K / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
-                double wide[4][4];
-                for (int gi = 0; gi < 4; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+        const ptrdiff_t row_full = N / 8 * 8;
+        const ptrdiff_t col_full = K / 32 * 32;
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t m = 0; m < M; ++m) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t k = col0 + gj;
+                    panel_2[32*m + gj] = W[M*k + m];
+                    panel_3[32*m + gj] = v_W[M*k + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < M; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
-                    float tile[4][4][16];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 4; ++gj)
-                            for (int l = 0; l < 16; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t m_lane = blk;
-                    for (; m_lane + 16 <= blk_end; m_lane += 16) {
-                        for (int gi = 0; gi < 4; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                for (int l = 0; l < 16; ++l) {
-                                    const ptrdiff_t n = row0 + gi;
-                                    const ptrdiff_t k = col0 + gj;
-                                    const ptrdiff_t m = m_lane + l;
-                                    const float d_matmul_nm = d_matmul[M*n + m];
-                                    const float W_km = W[M*k + m];
-                                    const float t_d_matmul_nm = t_d_matmul[M*n + m];
-                                    const float v_W_km = v_W[M*k + m];
-                                    const float term_hv_X = W_km*t_d_matmul_nm + d_matmul_nm*v_W_km;
-                                    tile[gi][gj][l] += term_hv_X;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 4; ++gj) {
-                            const ptrdiff_t n = row0 + gi;
-                            const ptrdiff_t k = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 16; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t m = m_lane; m < blk_end; ++m) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t m = blk; m < blk_end; ++m) {
+                        for (int gi = 0; gi < 8; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t k = col0 + gj;
+                                (void)k;
                                 const float d_matmul_nm = d_matmul[M*n + m];
-                                const float W_km = W[M*k + m];
+                                const float W_km = panel_2[32*m + gj];
                                 const float t_d_matmul_nm = t_d_matmul[M*n + m];
-                                const float v_W_km = v_W[M*k + m];
+                                const float v_W_km = panel_3[32*m + gj];
                                 const float term_hv_X = W_km*t_d_matmul_nm + d_matmul_nm*v_W_km;
-                                part += term_hv_X;
+                                tile[gi][gj] += term_hv_X;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
-                    for (int gj = 0; gj < 4; ++gj) {
+                for (int gi = 0; gi < 8; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t n = row0 + gi;
                         const ptrdiff_t k = col0 + gj;
                         hv_X[K*n + k] = (float)wide[gi][gj];
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t n = row0 + gi;
-                for (ptrdiff_t k = col_full; k < K; ++k) {
-                    double acc = 0;
-                    for (ptrdiff_t m = 0; m < M; ++m) {
-                        const float d_matmul_nm = d_matmul[M*n + m];
-                        const float W_km = W[M*k + m];
-                        const float t_d_matmul_nm = t_d_matmul[M*n + m];
-                        const float v_W_km = v_W[M*k + m];
-                        const float term_hv_X = W_km*t_d_matmul_nm + d_matmul_nm*v_W_km;
-                        acc += term_hv_X;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < N; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < M; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < M ? blk + 256 : M;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t m = blk; m < blk_end; ++m) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t n = row0 + gi;
+                                const ptrdiff_t k = col0 + gj;
+                                (void)k;
+                                const float d_matmul_nm = d_matmul[M*n + m];
+                                const float W_km = panel_2[32*m + gj];
+                                const float t_d_matmul_nm = t_d_matmul[M*n + m];
+                                const float v_W_km = panel_3[32*m + gj];
+                                const float term_hv_X = W_km*t_d_matmul_nm + d_matmul_nm*v_W_km;
+                                tile[gi][gj] += term_hv_X;
+                            }
+                        }
                     }
-                    hv_X[K*n + k] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t n = row0 + gi;
+                        const ptrdiff_t k = col0 + gj;
+                        hv_X[K*n + k] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t n = row_full; n < N; ++n) {
-            for (ptrdiff_t k = 0; k < K; ++k) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t n = 0; n < N; ++n) {
+            for (ptrdiff_t k = col_full; k < K; ++k) {
                 double acc = 0;
                 for (ptrdiff_t m = 0; m < M; ++m) {
                     const float d_matmul_nm = d_matmul[M*n + m];
@@ -1209,36 +1596,44 @@ int custom_layer_hvp(
 
     /* hv_W[k, m] += X[n, k]*t_d_matmul[n, m] + d_matmul[n, m]*v_X[n, k]   (over n)   [custom_layer.py: line 15] */
     {
-        const ptrdiff_t row_full = K / 4 * 4;
+        const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
-                float tile[4][32];
-                double wide[4][32];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
+            for (ptrdiff_t n = 0; n < N; ++n) {
+                for (int gj = 0; gj < 32; ++gj) {
+                    const ptrdiff_t m = col0 + gj;
+                    panel_4[32*n + gj] = d_matmul[M*n + m];
+                    panel_5[32*n + gj] = t_d_matmul[M*n + m];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][32];
+                double wide[8][32];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < N; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < N ? blk + 256 : N;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t n = blk; n < blk_end; ++n) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t k = row0 + gi;
                                 const ptrdiff_t m = col0 + gj;
-                                const float d_matmul_nm = d_matmul[M*n + m];
+                                (void)m;
+                                const float d_matmul_nm = panel_4[32*n + gj];
                                 const float X_nk = X[K*n + k];
-                                const float t_d_matmul_nm = t_d_matmul[M*n + m];
+                                const float t_d_matmul_nm = panel_5[32*n + gj];
                                 const float v_X_nk = v_X[K*n + k];
                                 const float term_hv_W = X_nk*t_d_matmul_nm + d_matmul_nm*v_X_nk;
                                 tile[gi][gj] += term_hv_W;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 32; ++gj) {
                         const ptrdiff_t k = row0 + gi;
                         const ptrdiff_t m = col0 + gj;
@@ -1246,26 +1641,46 @@ int custom_layer_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t k = row0 + gi;
-                for (ptrdiff_t m = col_full; m < M; ++m) {
-                    double acc = 0;
-                    for (ptrdiff_t n = 0; n < N; ++n) {
-                        const float d_matmul_nm = d_matmul[M*n + m];
-                        const float X_nk = X[K*n + k];
-                        const float t_d_matmul_nm = t_d_matmul[M*n + m];
-                        const float v_X_nk = v_X[K*n + k];
-                        const float term_hv_W = X_nk*t_d_matmul_nm + d_matmul_nm*v_X_nk;
-                        acc += term_hv_W;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < K; ++row0) {
+                float tile[1][32];
+                double wide[1][32];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 32; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < N; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < N ? blk + 256 : N;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t n = blk; n < blk_end; ++n) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 32; ++gj) {
+                                const ptrdiff_t k = row0 + gi;
+                                const ptrdiff_t m = col0 + gj;
+                                (void)m;
+                                const float d_matmul_nm = panel_4[32*n + gj];
+                                const float X_nk = X[K*n + k];
+                                const float t_d_matmul_nm = panel_5[32*n + gj];
+                                const float v_X_nk = v_X[K*n + k];
+                                const float term_hv_W = X_nk*t_d_matmul_nm + d_matmul_nm*v_X_nk;
+                                tile[gi][gj] += term_hv_W;
+                            }
+                        }
                     }
-                    hv_W[M*k + m] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 32; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 32; ++gj) {
+                        const ptrdiff_t k = row0 + gi;
+                        const ptrdiff_t m = col0 + gj;
+                        hv_W[M*k + m] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t k = row_full; k < K; ++k) {
-            for (ptrdiff_t m = 0; m < M; ++m) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t k = 0; k < K; ++k) {
+            for (ptrdiff_t m = col_full; m < M; ++m) {
                 double acc = 0;
                 for (ptrdiff_t n = 0; n < N; ++n) {
                     const float d_matmul_nm = d_matmul[M*n + m];

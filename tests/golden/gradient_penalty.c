@@ -28,6 +28,13 @@
 #define restrict __restrict
 #endif
 
+/* The loops are already in the order gradc chose. GCC's loop interchange would turn a
+ * register tile inside out when the reduction has a fixed extent (its accumulators then
+ * live in memory: half the speed). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize ("no-loop-interchange")
+#endif
+
 /* Workspace buffers start on multiples of 16 elements: whole cache lines and vectors. */
 static inline ptrdiff_t gradc_round_up(ptrdiff_t n)
 {
@@ -40,15 +47,15 @@ size_t gradient_penalty_workspace_size(ptrdiff_t B)
 {
     size_t gradc_need = 0, gradc_n;
     if (B < 0) return 0;
-    gradc_n = (size_t)(gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1));  /* gradient_penalty_forward */
+    gradc_n = (size_t)(gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1));  /* gradient_penalty_forward */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(12));  /* gradient_penalty_value_and_grad */
+    gradc_n = (size_t)(gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(12));  /* gradient_penalty_value_and_grad */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(12));  /* gradient_penalty_vjp */
+    gradc_n = (size_t)(gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(12));  /* gradient_penalty_vjp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1));  /* gradient_penalty_jvp */
+    gradc_n = (size_t)(gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1));  /* gradient_penalty_jvp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(12));  /* gradient_penalty_hvp */
+    gradc_n = (size_t)(gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(12));  /* gradient_penalty_hvp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
     return gradc_need * sizeof(float);
 }
@@ -67,59 +74,49 @@ int gradient_penalty_forward(
 {
     if (B < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* 3*B elements */
-    float *restrict out_1 = (float *)workspace + gradc_round_up(3*B);  /* 1 elements */
-    float *restrict d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
-    float *restrict sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
-    float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(3*B);  /* 12 elements */
+    float *restrict out_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12);  /* 1 elements */
+    float *restrict d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1);  /* 4 elements */
+    float *restrict sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
+    float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 3 / 3 * 3;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                double wide[4][3];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+            for (ptrdiff_t k = 0; k < 4; ++k) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[3*k + gj] = Wt[4*j + k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][3];
+                double wide[8][3];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    float tile[4][3][4];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 3; ++gj)
-                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t k_lane = blk;
-                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 3; ++gj) {
-                                for (int l = 0; l < 4; ++l) {
-                                    const ptrdiff_t i = row0 + gi;
-                                    const ptrdiff_t j = col0 + gj;
-                                    const ptrdiff_t k = k_lane + l;
-                                    const float input_ik = input[4*i + k];
-                                    const float Wt_jk = Wt[4*j + k];
-                                    const float term_matmul = Wt_jk*input_ik;
-                                    tile[gi][gj][l] += term_matmul;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 3; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float input_ik = input[4*i + k];
-                                const float Wt_jk = Wt[4*j + k];
+                                const float Wt_jk = panel[3*k + gj];
                                 const float term_matmul = Wt_jk*input_ik;
-                                part += term_matmul;
+                                tile[gi][gj] += term_matmul;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -127,24 +124,44 @@ int gradient_penalty_forward(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 3; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 4; ++k) {
-                        const float input_ik = input[4*i + k];
-                        const float Wt_jk = Wt[4*j + k];
-                        const float term_matmul = Wt_jk*input_ik;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][3];
+                double wide[1][3];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = panel[3*k + gj];
+                                const float term_matmul = Wt_jk*input_ik;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[3*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 3; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 3; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
@@ -195,8 +212,8 @@ int gradient_penalty_forward(
     {
         const ptrdiff_t row_full = 1 / 1 * 1;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
                 double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
@@ -228,24 +245,43 @@ int gradient_penalty_forward(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                (void)i;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float Wt_kj = Wt[j + 4*k];
-                        const float term_d_x = Wt_kj;
-                        acc += term_d_x;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                (void)i;
+                                const ptrdiff_t j = col0 + gj;
+                                const float Wt_kj = Wt[j + 4*k];
+                                const float term_d_x = Wt_kj;
+                                tile[gi][gj] += term_d_x;
+                            }
+                        }
                     }
-                    d_x[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_x[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 1; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 1; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float Wt_kj = Wt[j + 4*k];
@@ -344,64 +380,54 @@ int gradient_penalty_value_and_grad(
 {
     if (B < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* 3*B elements */
-    float *restrict out_1 = (float *)workspace + gradc_round_up(3*B);  /* 1 elements */
-    float *restrict d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
-    float *restrict sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
-    float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
-    float *restrict d_out = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 1 elements */
-    float *restrict d_matmul = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1);  /* 3*B elements */
-    float *restrict d_sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B);  /* 1 elements */
-    float *restrict d_Wt_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
-    float *restrict d_Wt_2 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 12 elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(3*B);  /* 12 elements */
+    float *restrict out_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12);  /* 1 elements */
+    float *restrict d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1);  /* 4 elements */
+    float *restrict sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
+    float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
+    float *restrict d_out = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 1 elements */
+    float *restrict d_matmul = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1);  /* 3*B elements */
+    float *restrict d_sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B);  /* 1 elements */
+    float *restrict d_Wt_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
+    float *restrict d_Wt_2 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 12 elements */
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 3 / 3 * 3;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                double wide[4][3];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+            for (ptrdiff_t k = 0; k < 4; ++k) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[3*k + gj] = Wt[4*j + k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][3];
+                double wide[8][3];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    float tile[4][3][4];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 3; ++gj)
-                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t k_lane = blk;
-                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 3; ++gj) {
-                                for (int l = 0; l < 4; ++l) {
-                                    const ptrdiff_t i = row0 + gi;
-                                    const ptrdiff_t j = col0 + gj;
-                                    const ptrdiff_t k = k_lane + l;
-                                    const float input_ik = input[4*i + k];
-                                    const float Wt_jk = Wt[4*j + k];
-                                    const float term_matmul = Wt_jk*input_ik;
-                                    tile[gi][gj][l] += term_matmul;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 3; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float input_ik = input[4*i + k];
-                                const float Wt_jk = Wt[4*j + k];
+                                const float Wt_jk = panel[3*k + gj];
                                 const float term_matmul = Wt_jk*input_ik;
-                                part += term_matmul;
+                                tile[gi][gj] += term_matmul;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -409,24 +435,44 @@ int gradient_penalty_value_and_grad(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 3; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 4; ++k) {
-                        const float input_ik = input[4*i + k];
-                        const float Wt_jk = Wt[4*j + k];
-                        const float term_matmul = Wt_jk*input_ik;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][3];
+                double wide[1][3];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = panel[3*k + gj];
+                                const float term_matmul = Wt_jk*input_ik;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[3*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 3; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 3; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
@@ -477,8 +523,8 @@ int gradient_penalty_value_and_grad(
     {
         const ptrdiff_t row_full = 1 / 1 * 1;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
                 double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
@@ -510,24 +556,43 @@ int gradient_penalty_value_and_grad(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                (void)i;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float Wt_kj = Wt[j + 4*k];
-                        const float term_d_x = Wt_kj;
-                        acc += term_d_x;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                (void)i;
+                                const ptrdiff_t j = col0 + gj;
+                                const float Wt_kj = Wt[j + 4*k];
+                                const float term_d_x = Wt_kj;
+                                tile[gi][gj] += term_d_x;
+                            }
+                        }
                     }
-                    d_x[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_x[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 1; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 1; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float Wt_kj = Wt[j + 4*k];
@@ -624,34 +689,41 @@ int gradient_penalty_value_and_grad(
 
     /* d_input[i, j] += Wt[k, j]*d_matmul[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
-                float tile[4][4];
-                double wide[4][4];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t k = 0; k < 3; ++k) {
+                for (int gj = 0; gj < 4; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[4*k + gj] = Wt[j + 4*k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][4];
+                double wide[8][4];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = Wt[j + 4*k];
+                                const float Wt_kj = panel[4*k + gj];
                                 const float term_d_input = Wt_kj*d_matmul_ik;
                                 tile[gi][gj] += term_d_input;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -659,24 +731,44 @@ int gradient_penalty_value_and_grad(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float d_matmul_ik = d_matmul[3*i + k];
-                        const float Wt_kj = Wt[j + 4*k];
-                        const float term_d_input = Wt_kj*d_matmul_ik;
-                        acc += term_d_input;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float d_matmul_ik = d_matmul[3*i + k];
+                                const float Wt_kj = panel[4*k + gj];
+                                const float term_d_input = Wt_kj*d_matmul_ik;
+                                tile[gi][gj] += term_d_input;
+                            }
+                        }
                     }
-                    d_input[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_input[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float d_matmul_ik = d_matmul[3*i + k];
@@ -788,8 +880,8 @@ int gradient_penalty_value_and_grad(
     {
         const ptrdiff_t row_full = 3 / 3 * 3;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
                 float tile[3][4];
                 double wide[3][4];
                 for (int gi = 0; gi < 3; ++gi)
@@ -821,24 +913,43 @@ int gradient_penalty_value_and_grad(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 3; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < B; ++k) {
-                        const float d_matmul_ki = d_matmul[i + 3*k];
-                        const float input_kj = input[j + 4*k];
-                        const float term_d_Wt_2 = d_matmul_ki*input_kj;
-                        acc += term_d_Wt_2;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 3; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < B; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                const float d_matmul_ki = d_matmul[i + 3*k];
+                                const float input_kj = input[j + 4*k];
+                                const float term_d_Wt_2 = d_matmul_ki*input_kj;
+                                tile[gi][gj] += term_d_Wt_2;
+                            }
+                        }
                     }
-                    d_Wt_2[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_Wt_2[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 3; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 3; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < B; ++k) {
                     const float d_matmul_ki = d_matmul[i + 3*k];
@@ -863,55 +974,53 @@ int gradient_penalty_value_and_grad(
     /* d_b[i] += d_out*(2*b[i] + 2*matmul[j, i] - 2*target[j, i])   (over j)   [gradient_penalty.py: line 20] */
     {
         const ptrdiff_t col_full = 3 / 3 * 3;
-        {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
             const ptrdiff_t row0 = 0;
             (void)row0;
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                float tile[1][3];
-                double wide[1][3];
+            float tile[1][3];
+            double wide[1][3];
+            for (int gi = 0; gi < 1; ++gi)
+                for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+            for (ptrdiff_t blk = 0; blk < B; blk += 256) {
+                const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < B; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t j = blk; j < blk_end; ++j) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = col0 + gj;
-                                const float d_out_ = d_out[0];
-                                const float matmul_ji = matmul[i + 3*j];
-                                const float b_i = b[i];
-                                const float target_ji = target[i + 3*j];
-                                const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
-                                tile[gi][gj] += term_d_b;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t j = blk; j < blk_end; ++j) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = col0 + gj;
+                            const float d_out_ = d_out[0];
+                            const float matmul_ji = matmul[i + 3*j];
+                            const float b_i = b[i];
+                            const float target_ji = target[i + 3*j];
+                            const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
+                            tile[gi][gj] += term_d_b;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 1; ++gi) {
-                    for (int gj = 0; gj < 3; ++gj) {
-                        const ptrdiff_t i = col0 + gj;
-                        d_b[i] = (float)wide[gi][gj];
-                    }
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+            }
+            for (int gi = 0; gi < 1; ++gi) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t i = col0 + gj;
+                    d_b[i] = (float)wide[gi][gj];
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                for (ptrdiff_t i = col_full; i < 3; ++i) {
-                    double acc = 0;
-                    for (ptrdiff_t j = 0; j < B; ++j) {
-                        const float d_out_ = d_out[0];
-                        const float matmul_ji = matmul[i + 3*j];
-                        const float b_i = b[i];
-                        const float target_ji = target[i + 3*j];
-                        const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
-                        acc += term_d_b;
-                    }
-                    d_b[i] = (float)acc;
+        }
+        /* the columns left over at the right edge */
+        {
+            for (ptrdiff_t i = col_full; i < 3; ++i) {
+                double acc = 0;
+                for (ptrdiff_t j = 0; j < B; ++j) {
+                    const float d_out_ = d_out[0];
+                    const float matmul_ji = matmul[i + 3*j];
+                    const float b_i = b[i];
+                    const float target_ji = target[i + 3*j];
+                    const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
+                    acc += term_d_b;
                 }
+                d_b[i] = (float)acc;
             }
         }
     }
@@ -949,64 +1058,54 @@ int gradient_penalty_vjp(
 {
     if (B < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* 3*B elements */
-    float *restrict out_1 = (float *)workspace + gradc_round_up(3*B);  /* 1 elements */
-    float *restrict d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
-    float *restrict sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
-    float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
-    float *restrict d_out = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 1 elements */
-    float *restrict d_matmul = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1);  /* 3*B elements */
-    float *restrict d_sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B);  /* 1 elements */
-    float *restrict d_Wt_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
-    float *restrict d_Wt_2 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 12 elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(3*B);  /* 12 elements */
+    float *restrict out_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12);  /* 1 elements */
+    float *restrict d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1);  /* 4 elements */
+    float *restrict sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
+    float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
+    float *restrict d_out = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 1 elements */
+    float *restrict d_matmul = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1);  /* 3*B elements */
+    float *restrict d_sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B);  /* 1 elements */
+    float *restrict d_Wt_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
+    float *restrict d_Wt_2 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 12 elements */
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 3 / 3 * 3;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                double wide[4][3];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+            for (ptrdiff_t k = 0; k < 4; ++k) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[3*k + gj] = Wt[4*j + k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][3];
+                double wide[8][3];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    float tile[4][3][4];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 3; ++gj)
-                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t k_lane = blk;
-                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 3; ++gj) {
-                                for (int l = 0; l < 4; ++l) {
-                                    const ptrdiff_t i = row0 + gi;
-                                    const ptrdiff_t j = col0 + gj;
-                                    const ptrdiff_t k = k_lane + l;
-                                    const float input_ik = input[4*i + k];
-                                    const float Wt_jk = Wt[4*j + k];
-                                    const float term_matmul = Wt_jk*input_ik;
-                                    tile[gi][gj][l] += term_matmul;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 3; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float input_ik = input[4*i + k];
-                                const float Wt_jk = Wt[4*j + k];
+                                const float Wt_jk = panel[3*k + gj];
                                 const float term_matmul = Wt_jk*input_ik;
-                                part += term_matmul;
+                                tile[gi][gj] += term_matmul;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -1014,24 +1113,44 @@ int gradient_penalty_vjp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 3; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 4; ++k) {
-                        const float input_ik = input[4*i + k];
-                        const float Wt_jk = Wt[4*j + k];
-                        const float term_matmul = Wt_jk*input_ik;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][3];
+                double wide[1][3];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = panel[3*k + gj];
+                                const float term_matmul = Wt_jk*input_ik;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[3*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 3; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 3; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
@@ -1082,8 +1201,8 @@ int gradient_penalty_vjp(
     {
         const ptrdiff_t row_full = 1 / 1 * 1;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
                 double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
@@ -1115,24 +1234,43 @@ int gradient_penalty_vjp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                (void)i;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float Wt_kj = Wt[j + 4*k];
-                        const float term_d_x = Wt_kj;
-                        acc += term_d_x;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                (void)i;
+                                const ptrdiff_t j = col0 + gj;
+                                const float Wt_kj = Wt[j + 4*k];
+                                const float term_d_x = Wt_kj;
+                                tile[gi][gj] += term_d_x;
+                            }
+                        }
                     }
-                    d_x[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_x[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 1; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 1; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float Wt_kj = Wt[j + 4*k];
@@ -1230,34 +1368,41 @@ int gradient_penalty_vjp(
 
     /* d_input[i, j] += Wt[k, j]*d_matmul[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
-                float tile[4][4];
-                double wide[4][4];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t k = 0; k < 3; ++k) {
+                for (int gj = 0; gj < 4; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[4*k + gj] = Wt[j + 4*k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][4];
+                double wide[8][4];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = Wt[j + 4*k];
+                                const float Wt_kj = panel[4*k + gj];
                                 const float term_d_input = Wt_kj*d_matmul_ik;
                                 tile[gi][gj] += term_d_input;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -1265,24 +1410,44 @@ int gradient_penalty_vjp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float d_matmul_ik = d_matmul[3*i + k];
-                        const float Wt_kj = Wt[j + 4*k];
-                        const float term_d_input = Wt_kj*d_matmul_ik;
-                        acc += term_d_input;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float d_matmul_ik = d_matmul[3*i + k];
+                                const float Wt_kj = panel[4*k + gj];
+                                const float term_d_input = Wt_kj*d_matmul_ik;
+                                tile[gi][gj] += term_d_input;
+                            }
+                        }
                     }
-                    d_input[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_input[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float d_matmul_ik = d_matmul[3*i + k];
@@ -1395,8 +1560,8 @@ int gradient_penalty_vjp(
     {
         const ptrdiff_t row_full = 3 / 3 * 3;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
                 float tile[3][4];
                 double wide[3][4];
                 for (int gi = 0; gi < 3; ++gi)
@@ -1428,24 +1593,43 @@ int gradient_penalty_vjp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 3; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < B; ++k) {
-                        const float d_matmul_ki = d_matmul[i + 3*k];
-                        const float input_kj = input[j + 4*k];
-                        const float term_d_Wt_2 = d_matmul_ki*input_kj;
-                        acc += term_d_Wt_2;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 3; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < B; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                const float d_matmul_ki = d_matmul[i + 3*k];
+                                const float input_kj = input[j + 4*k];
+                                const float term_d_Wt_2 = d_matmul_ki*input_kj;
+                                tile[gi][gj] += term_d_Wt_2;
+                            }
+                        }
                     }
-                    d_Wt_2[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_Wt_2[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 3; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 3; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < B; ++k) {
                     const float d_matmul_ki = d_matmul[i + 3*k];
@@ -1470,55 +1654,53 @@ int gradient_penalty_vjp(
     /* d_b[i] += d_out*(2*b[i] + 2*matmul[j, i] - 2*target[j, i])   (over j)   [gradient_penalty.py: line 20] */
     {
         const ptrdiff_t col_full = 3 / 3 * 3;
-        {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
             const ptrdiff_t row0 = 0;
             (void)row0;
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                float tile[1][3];
-                double wide[1][3];
+            float tile[1][3];
+            double wide[1][3];
+            for (int gi = 0; gi < 1; ++gi)
+                for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+            for (ptrdiff_t blk = 0; blk < B; blk += 256) {
+                const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < B; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t j = blk; j < blk_end; ++j) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = col0 + gj;
-                                const float d_out_ = d_out[0];
-                                const float matmul_ji = matmul[i + 3*j];
-                                const float b_i = b[i];
-                                const float target_ji = target[i + 3*j];
-                                const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
-                                tile[gi][gj] += term_d_b;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t j = blk; j < blk_end; ++j) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = col0 + gj;
+                            const float d_out_ = d_out[0];
+                            const float matmul_ji = matmul[i + 3*j];
+                            const float b_i = b[i];
+                            const float target_ji = target[i + 3*j];
+                            const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
+                            tile[gi][gj] += term_d_b;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 1; ++gi) {
-                    for (int gj = 0; gj < 3; ++gj) {
-                        const ptrdiff_t i = col0 + gj;
-                        d_b[i] = (float)wide[gi][gj];
-                    }
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+            }
+            for (int gi = 0; gi < 1; ++gi) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t i = col0 + gj;
+                    d_b[i] = (float)wide[gi][gj];
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                for (ptrdiff_t i = col_full; i < 3; ++i) {
-                    double acc = 0;
-                    for (ptrdiff_t j = 0; j < B; ++j) {
-                        const float d_out_ = d_out[0];
-                        const float matmul_ji = matmul[i + 3*j];
-                        const float b_i = b[i];
-                        const float target_ji = target[i + 3*j];
-                        const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
-                        acc += term_d_b;
-                    }
-                    d_b[i] = (float)acc;
+        }
+        /* the columns left over at the right edge */
+        {
+            for (ptrdiff_t i = col_full; i < 3; ++i) {
+                double acc = 0;
+                for (ptrdiff_t j = 0; j < B; ++j) {
+                    const float d_out_ = d_out[0];
+                    const float matmul_ji = matmul[i + 3*j];
+                    const float b_i = b[i];
+                    const float target_ji = target[i + 3*j];
+                    const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
+                    acc += term_d_b;
                 }
+                d_b[i] = (float)acc;
             }
         }
     }
@@ -1556,64 +1738,55 @@ int gradient_penalty_jvp(
 {
     if (B < 0) return GRADC_ERR_DIMS;
     float *restrict matmul = (float *)workspace + 0;  /* 3*B elements */
-    float *restrict out_1 = (float *)workspace + gradc_round_up(3*B);  /* 1 elements */
-    float *restrict d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
-    float *restrict sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
-    float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
-    float *restrict t_matmul = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 3*B elements */
-    float *restrict t_out_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B);  /* 1 elements */
-    float *restrict t_d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1);  /* 4 elements */
-    float *restrict t_sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
-    float *restrict t_norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(3*B);  /* 12 elements */
+    float *restrict out_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12);  /* 1 elements */
+    float *restrict d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1);  /* 4 elements */
+    float *restrict sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
+    float *restrict norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
+    float *restrict t_matmul = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 3*B elements */
+    float *restrict panel_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B);  /* 12 elements */
+    float *restrict t_out_1 = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12);  /* 1 elements */
+    float *restrict t_d_x = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1);  /* 4 elements */
+    float *restrict t_sum = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
+    float *restrict t_norms = (float *)workspace + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 3 / 3 * 3;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                double wide[4][3];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+            for (ptrdiff_t k = 0; k < 4; ++k) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[3*k + gj] = Wt[4*j + k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][3];
+                double wide[8][3];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    float tile[4][3][4];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 3; ++gj)
-                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t k_lane = blk;
-                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 3; ++gj) {
-                                for (int l = 0; l < 4; ++l) {
-                                    const ptrdiff_t i = row0 + gi;
-                                    const ptrdiff_t j = col0 + gj;
-                                    const ptrdiff_t k = k_lane + l;
-                                    const float input_ik = input[4*i + k];
-                                    const float Wt_jk = Wt[4*j + k];
-                                    const float term_matmul = Wt_jk*input_ik;
-                                    tile[gi][gj][l] += term_matmul;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 3; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float input_ik = input[4*i + k];
-                                const float Wt_jk = Wt[4*j + k];
+                                const float Wt_jk = panel[3*k + gj];
                                 const float term_matmul = Wt_jk*input_ik;
-                                part += term_matmul;
+                                tile[gi][gj] += term_matmul;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -1621,24 +1794,44 @@ int gradient_penalty_jvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 3; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 4; ++k) {
-                        const float input_ik = input[4*i + k];
-                        const float Wt_jk = Wt[4*j + k];
-                        const float term_matmul = Wt_jk*input_ik;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][3];
+                double wide[1][3];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = panel[3*k + gj];
+                                const float term_matmul = Wt_jk*input_ik;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[3*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 3; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 3; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
@@ -1689,8 +1882,8 @@ int gradient_penalty_jvp(
     {
         const ptrdiff_t row_full = 1 / 1 * 1;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
                 double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
@@ -1722,24 +1915,43 @@ int gradient_penalty_jvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                (void)i;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float Wt_kj = Wt[j + 4*k];
-                        const float term_d_x = Wt_kj;
-                        acc += term_d_x;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                (void)i;
+                                const ptrdiff_t j = col0 + gj;
+                                const float Wt_kj = Wt[j + 4*k];
+                                const float term_d_x = Wt_kj;
+                                tile[gi][gj] += term_d_x;
+                            }
+                        }
                     }
-                    d_x[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_x[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 1; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 1; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float Wt_kj = Wt[j + 4*k];
@@ -1820,56 +2032,44 @@ int gradient_penalty_jvp(
 
     /* t_matmul[i, j] += Wt[j, k]*t_input[i, k] + input[i, k]*t_Wt[j, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 3 / 3 * 3;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                double wide[4][3];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+            for (ptrdiff_t k = 0; k < 4; ++k) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[3*k + gj] = Wt[4*j + k];
+                    panel_1[3*k + gj] = t_Wt[4*j + k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][3];
+                double wide[8][3];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    float tile[4][3][4];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 3; ++gj)
-                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t k_lane = blk;
-                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 3; ++gj) {
-                                for (int l = 0; l < 4; ++l) {
-                                    const ptrdiff_t i = row0 + gi;
-                                    const ptrdiff_t j = col0 + gj;
-                                    const ptrdiff_t k = k_lane + l;
-                                    const float input_ik = input[4*i + k];
-                                    const float Wt_jk = Wt[4*j + k];
-                                    const float t_input_ik = t_input[4*i + k];
-                                    const float t_Wt_jk = t_Wt[4*j + k];
-                                    const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
-                                    tile[gi][gj][l] += term_t_matmul;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 3; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float input_ik = input[4*i + k];
-                                const float Wt_jk = Wt[4*j + k];
+                                const float Wt_jk = panel[3*k + gj];
                                 const float t_input_ik = t_input[4*i + k];
-                                const float t_Wt_jk = t_Wt[4*j + k];
+                                const float t_Wt_jk = panel_1[3*k + gj];
                                 const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
-                                part += term_t_matmul;
+                                tile[gi][gj] += term_t_matmul;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -1877,26 +2077,46 @@ int gradient_penalty_jvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 3; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 4; ++k) {
-                        const float input_ik = input[4*i + k];
-                        const float Wt_jk = Wt[4*j + k];
-                        const float t_input_ik = t_input[4*i + k];
-                        const float t_Wt_jk = t_Wt[4*j + k];
-                        const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
-                        acc += term_t_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][3];
+                double wide[1][3];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = panel[3*k + gj];
+                                const float t_input_ik = t_input[4*i + k];
+                                const float t_Wt_jk = panel_1[3*k + gj];
+                                const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
+                                tile[gi][gj] += term_t_matmul;
+                            }
+                        }
                     }
-                    t_matmul[3*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        t_matmul[3*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 3; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 3; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
@@ -1957,8 +2177,8 @@ int gradient_penalty_jvp(
     {
         const ptrdiff_t row_full = 1 / 1 * 1;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
                 double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
@@ -1990,24 +2210,43 @@ int gradient_penalty_jvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                (void)i;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float t_Wt_kj = t_Wt[j + 4*k];
-                        const float term_t_d_x = t_Wt_kj;
-                        acc += term_t_d_x;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                (void)i;
+                                const ptrdiff_t j = col0 + gj;
+                                const float t_Wt_kj = t_Wt[j + 4*k];
+                                const float term_t_d_x = t_Wt_kj;
+                                tile[gi][gj] += term_t_d_x;
+                            }
+                        }
                     }
-                    t_d_x[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        t_d_x[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 1; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 1; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float t_Wt_kj = t_Wt[j + 4*k];
@@ -2116,17 +2355,19 @@ int gradient_penalty_hvp(
     if (B < 0) return GRADC_ERR_DIMS;
     float *restrict d_out = (float *)workspace + 0;  /* 1 elements */
     float *restrict matmul = (float *)workspace + gradc_round_up(1);  /* 3*B elements */
-    float *restrict d_matmul = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B);  /* 3*B elements */
-    float *restrict t_matmul = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B);  /* 3*B elements */
-    float *restrict t_d_matmul = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B);  /* 3*B elements */
-    float *restrict d_x = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B);  /* 4 elements */
-    float *restrict sum = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(4);  /* 1 elements */
-    float *restrict d_sum = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
-    float *restrict t_d_x = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 4 elements */
-    float *restrict t_sum = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
-    float *restrict t_d_sum = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
-    float *restrict t_d_Wt = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 4 elements */
-    float *restrict t_d_Wt_1 = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4);  /* 12 elements */
+    float *restrict panel = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B);  /* 12 elements */
+    float *restrict d_matmul = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12);  /* 3*B elements */
+    float *restrict t_matmul = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B);  /* 3*B elements */
+    float *restrict panel_1 = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B);  /* 12 elements */
+    float *restrict t_d_matmul = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12);  /* 3*B elements */
+    float *restrict d_x = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B);  /* 4 elements */
+    float *restrict sum = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(4);  /* 1 elements */
+    float *restrict d_sum = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
+    float *restrict t_d_x = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 4 elements */
+    float *restrict t_sum = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4);  /* 1 elements */
+    float *restrict t_d_sum = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1);  /* 1 elements */
+    float *restrict t_d_Wt = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1);  /* 4 elements */
+    float *restrict t_d_Wt_1 = (float *)workspace + gradc_round_up(1) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(3*B) + gradc_round_up(12) + gradc_round_up(3*B) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4) + gradc_round_up(1) + gradc_round_up(1) + gradc_round_up(4);  /* 12 elements */
 
     /* d_out = 1/(3*B)   [gradient_penalty.py: line 24] */
     {
@@ -2135,52 +2376,41 @@ int gradient_penalty_hvp(
 
     /* matmul[i, j] += Wt[j, k]*input[i, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 3 / 3 * 3;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                double wide[4][3];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+            for (ptrdiff_t k = 0; k < 4; ++k) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[3*k + gj] = Wt[4*j + k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][3];
+                double wide[8][3];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    float tile[4][3][4];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 3; ++gj)
-                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t k_lane = blk;
-                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 3; ++gj) {
-                                for (int l = 0; l < 4; ++l) {
-                                    const ptrdiff_t i = row0 + gi;
-                                    const ptrdiff_t j = col0 + gj;
-                                    const ptrdiff_t k = k_lane + l;
-                                    const float input_ik = input[4*i + k];
-                                    const float Wt_jk = Wt[4*j + k];
-                                    const float term_matmul = Wt_jk*input_ik;
-                                    tile[gi][gj][l] += term_matmul;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 3; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float input_ik = input[4*i + k];
-                                const float Wt_jk = Wt[4*j + k];
+                                const float Wt_jk = panel[3*k + gj];
                                 const float term_matmul = Wt_jk*input_ik;
-                                part += term_matmul;
+                                tile[gi][gj] += term_matmul;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -2188,24 +2418,44 @@ int gradient_penalty_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 3; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 4; ++k) {
-                        const float input_ik = input[4*i + k];
-                        const float Wt_jk = Wt[4*j + k];
-                        const float term_matmul = Wt_jk*input_ik;
-                        acc += term_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][3];
+                double wide[1][3];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = panel[3*k + gj];
+                                const float term_matmul = Wt_jk*input_ik;
+                                tile[gi][gj] += term_matmul;
+                            }
+                        }
                     }
-                    matmul[3*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        matmul[3*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 3; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 3; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
@@ -2231,56 +2481,44 @@ int gradient_penalty_hvp(
 
     /* t_matmul[i, j] += Wt[j, k]*v_input[i, k] + input[i, k]*v_Wt[j, k]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 3 / 3 * 3;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                double wide[4][3];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
+            for (ptrdiff_t k = 0; k < 4; ++k) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[3*k + gj] = Wt[4*j + k];
+                    panel_1[3*k + gj] = v_Wt[4*j + k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][3];
+                double wide[8][3];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    float tile[4][3][4];
-                    for (int gi = 0; gi < 4; ++gi)
-                        for (int gj = 0; gj < 3; ++gj)
-                            for (int l = 0; l < 4; ++l) tile[gi][gj][l] = 0;
-                    ptrdiff_t k_lane = blk;
-                    for (; k_lane + 4 <= blk_end; k_lane += 4) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 3; ++gj) {
-                                for (int l = 0; l < 4; ++l) {
-                                    const ptrdiff_t i = row0 + gi;
-                                    const ptrdiff_t j = col0 + gj;
-                                    const ptrdiff_t k = k_lane + l;
-                                    const float input_ik = input[4*i + k];
-                                    const float Wt_jk = Wt[4*j + k];
-                                    const float v_input_ik = v_input[4*i + k];
-                                    const float v_Wt_jk = v_Wt[4*j + k];
-                                    const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
-                                    tile[gi][gj][l] += term_t_matmul;
-                                }
-                            }
-                        }
-                    }
-                    for (int gi = 0; gi < 4; ++gi) {
-                        for (int gj = 0; gj < 3; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
-                            float part = tile[gi][gj][0];
-                            for (int l = 1; l < 4; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float input_ik = input[4*i + k];
-                                const float Wt_jk = Wt[4*j + k];
+                                const float Wt_jk = panel[3*k + gj];
                                 const float v_input_ik = v_input[4*i + k];
-                                const float v_Wt_jk = v_Wt[4*j + k];
+                                const float v_Wt_jk = panel_1[3*k + gj];
                                 const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
-                                part += term_t_matmul;
+                                tile[gi][gj] += term_t_matmul;
                             }
-                            wide[gi][gj] += part;
                         }
                     }
+                    for (int gi = 0; gi < 8; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -2288,26 +2526,46 @@ int gradient_penalty_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 3; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 4; ++k) {
-                        const float input_ik = input[4*i + k];
-                        const float Wt_jk = Wt[4*j + k];
-                        const float v_input_ik = v_input[4*i + k];
-                        const float v_Wt_jk = v_Wt[4*j + k];
-                        const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
-                        acc += term_t_matmul;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][3];
+                double wide[1][3];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 3; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float input_ik = input[4*i + k];
+                                const float Wt_jk = panel[3*k + gj];
+                                const float v_input_ik = v_input[4*i + k];
+                                const float v_Wt_jk = panel_1[3*k + gj];
+                                const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
+                                tile[gi][gj] += term_t_matmul;
+                            }
+                        }
                     }
-                    t_matmul[3*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 3; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        t_matmul[3*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 3; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 3; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 4; ++k) {
                     const float input_ik = input[4*i + k];
@@ -2336,36 +2594,44 @@ int gradient_penalty_hvp(
 
     /* hv_input[i, j] += Wt[k, j]*t_d_matmul[i, k] + d_matmul[i, k]*v_Wt[k, j]   (over k)   [gradient_penalty.py: line 17] */
     {
-        const ptrdiff_t row_full = B / 4 * 4;
+        const ptrdiff_t row_full = B / 8 * 8;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 4) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
-                float tile[4][4];
-                double wide[4][4];
-                for (int gi = 0; gi < 4; ++gi)
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t k = 0; k < 3; ++k) {
+                for (int gj = 0; gj < 4; ++gj) {
+                    const ptrdiff_t j = col0 + gj;
+                    panel[4*k + gj] = Wt[j + 4*k];
+                    panel_1[4*k + gj] = v_Wt[j + 4*k];
+                }
+            }
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                float tile[8][4];
+                double wide[8][4];
+                for (int gi = 0; gi < 8; ++gi)
                     for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
                 for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
                     const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
                     for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 4; ++gi) {
+                        for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 4; ++gj) {
                                 const ptrdiff_t i = row0 + gi;
                                 const ptrdiff_t j = col0 + gj;
+                                (void)j;
                                 const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = Wt[j + 4*k];
+                                const float Wt_kj = panel[4*k + gj];
                                 const float t_d_matmul_ik = t_d_matmul[3*i + k];
-                                const float v_Wt_kj = v_Wt[j + 4*k];
+                                const float v_Wt_kj = panel_1[4*k + gj];
                                 const float term_hv_input = Wt_kj*t_d_matmul_ik + d_matmul_ik*v_Wt_kj;
                                 tile[gi][gj] += term_hv_input;
                             }
                         }
                     }
-                    for (int gi = 0; gi < 4; ++gi)
+                    for (int gi = 0; gi < 8; ++gi)
                         for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 4; ++gi) {
+                for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
@@ -2373,26 +2639,46 @@ int gradient_penalty_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 4; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float d_matmul_ik = d_matmul[3*i + k];
-                        const float Wt_kj = Wt[j + 4*k];
-                        const float t_d_matmul_ik = t_d_matmul[3*i + k];
-                        const float v_Wt_kj = v_Wt[j + 4*k];
-                        const float term_hv_input = Wt_kj*t_d_matmul_ik + d_matmul_ik*v_Wt_kj;
-                        acc += term_hv_input;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                (void)j;
+                                const float d_matmul_ik = d_matmul[3*i + k];
+                                const float Wt_kj = panel[4*k + gj];
+                                const float t_d_matmul_ik = t_d_matmul[3*i + k];
+                                const float v_Wt_kj = panel_1[4*k + gj];
+                                const float term_hv_input = Wt_kj*t_d_matmul_ik + d_matmul_ik*v_Wt_kj;
+                                tile[gi][gj] += term_hv_input;
+                            }
+                        }
                     }
-                    hv_input[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        hv_input[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < B; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < B; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float d_matmul_ik = d_matmul[3*i + k];
@@ -2411,8 +2697,8 @@ int gradient_penalty_hvp(
     {
         const ptrdiff_t row_full = 1 / 1 * 1;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
                 double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
@@ -2444,24 +2730,43 @@ int gradient_penalty_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                (void)i;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float Wt_kj = Wt[j + 4*k];
-                        const float term_d_x = Wt_kj;
-                        acc += term_d_x;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                (void)i;
+                                const ptrdiff_t j = col0 + gj;
+                                const float Wt_kj = Wt[j + 4*k];
+                                const float term_d_x = Wt_kj;
+                                tile[gi][gj] += term_d_x;
+                            }
+                        }
                     }
-                    d_x[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        d_x[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 1; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 1; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float Wt_kj = Wt[j + 4*k];
@@ -2514,8 +2819,8 @@ int gradient_penalty_hvp(
     {
         const ptrdiff_t row_full = 1 / 1 * 1;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
                 double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
@@ -2547,24 +2852,43 @@ int gradient_penalty_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                (void)i;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < 3; ++k) {
-                        const float v_Wt_kj = v_Wt[j + 4*k];
-                        const float term_t_d_x = v_Wt_kj;
-                        acc += term_t_d_x;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                (void)i;
+                                const ptrdiff_t j = col0 + gj;
+                                const float v_Wt_kj = v_Wt[j + 4*k];
+                                const float term_t_d_x = v_Wt_kj;
+                                tile[gi][gj] += term_t_d_x;
+                            }
+                        }
                     }
-                    t_d_x[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        t_d_x[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 1; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 1; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < 3; ++k) {
                     const float v_Wt_kj = v_Wt[j + 4*k];
@@ -2716,8 +3040,8 @@ int gradient_penalty_hvp(
     {
         const ptrdiff_t row_full = 3 / 3 * 3;
         const ptrdiff_t col_full = 4 / 4 * 4;
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 3) {
                 float tile[3][4];
                 double wide[3][4];
                 for (int gi = 0; gi < 3; ++gi)
@@ -2751,26 +3075,45 @@ int gradient_penalty_hvp(
                     }
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 3; ++gi) {
-                const ptrdiff_t i = row0 + gi;
-                for (ptrdiff_t j = col_full; j < 4; ++j) {
-                    double acc = 0;
-                    for (ptrdiff_t k = 0; k < B; ++k) {
-                        const float d_matmul_ki = d_matmul[i + 3*k];
-                        const float input_kj = input[j + 4*k];
-                        const float t_d_matmul_ki = t_d_matmul[i + 3*k];
-                        const float v_input_kj = v_input[j + 4*k];
-                        const float term_t_d_Wt_1 = d_matmul_ki*v_input_kj + input_kj*t_d_matmul_ki;
-                        acc += term_t_d_Wt_1;
+            /* the rows left over at the bottom edge, in tiles of one row */
+            for (ptrdiff_t row0 = row_full; row0 < 3; ++row0) {
+                float tile[1][4];
+                double wide[1][4];
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
+                for (ptrdiff_t blk = 0; blk < B; blk += 256) {
+                    const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
+                        for (int gi = 0; gi < 1; ++gi) {
+                            for (int gj = 0; gj < 4; ++gj) {
+                                const ptrdiff_t i = row0 + gi;
+                                const ptrdiff_t j = col0 + gj;
+                                const float d_matmul_ki = d_matmul[i + 3*k];
+                                const float input_kj = input[j + 4*k];
+                                const float t_d_matmul_ki = t_d_matmul[i + 3*k];
+                                const float v_input_kj = v_input[j + 4*k];
+                                const float term_t_d_Wt_1 = d_matmul_ki*v_input_kj + input_kj*t_d_matmul_ki;
+                                tile[gi][gj] += term_t_d_Wt_1;
+                            }
+                        }
                     }
-                    t_d_Wt_1[4*i + j] = (float)acc;
+                    for (int gi = 0; gi < 1; ++gi)
+                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
+                }
+                for (int gi = 0; gi < 1; ++gi) {
+                    for (int gj = 0; gj < 4; ++gj) {
+                        const ptrdiff_t i = row0 + gi;
+                        const ptrdiff_t j = col0 + gj;
+                        t_d_Wt_1[4*i + j] = (float)wide[gi][gj];
+                    }
                 }
             }
         }
-        /* the rows left over at the bottom edge */
-        for (ptrdiff_t i = row_full; i < 3; ++i) {
-            for (ptrdiff_t j = 0; j < 4; ++j) {
+        /* the columns left over at the right edge */
+        for (ptrdiff_t i = 0; i < 3; ++i) {
+            for (ptrdiff_t j = col_full; j < 4; ++j) {
                 double acc = 0;
                 for (ptrdiff_t k = 0; k < B; ++k) {
                     const float d_matmul_ki = d_matmul[i + 3*k];
@@ -2797,57 +3140,55 @@ int gradient_penalty_hvp(
     /* hv_b[i] += 2*d_out*t_matmul[j, i] + 2*d_out*v_b[i] - 2*d_out*v_target[j, i]   (over j)   [gradient_penalty.py: line 20] */
     {
         const ptrdiff_t col_full = 3 / 3 * 3;
-        {
+        for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
             const ptrdiff_t row0 = 0;
             (void)row0;
-            for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
-                float tile[1][3];
-                double wide[1][3];
+            float tile[1][3];
+            double wide[1][3];
+            for (int gi = 0; gi < 1; ++gi)
+                for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
+            for (ptrdiff_t blk = 0; blk < B; blk += 256) {
+                const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < B; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < B ? blk + 256 : B;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t j = blk; j < blk_end; ++j) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = col0 + gj;
-                                const float d_out_ = d_out[0];
-                                const float t_matmul_ji = t_matmul[i + 3*j];
-                                const float v_b_i = v_b[i];
-                                const float v_target_ji = v_target[i + 3*j];
-                                const float t0 = 2*d_out_;
-                                const float term_hv_b = t0*t_matmul_ji + t0*v_b_i - t0*v_target_ji;
-                                tile[gi][gj] += term_hv_b;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t j = blk; j < blk_end; ++j) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = col0 + gj;
+                            const float d_out_ = d_out[0];
+                            const float t_matmul_ji = t_matmul[i + 3*j];
+                            const float v_b_i = v_b[i];
+                            const float v_target_ji = v_target[i + 3*j];
+                            const float t0 = 2*d_out_;
+                            const float term_hv_b = t0*t_matmul_ji + t0*v_b_i - t0*v_target_ji;
+                            tile[gi][gj] += term_hv_b;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
-                for (int gi = 0; gi < 1; ++gi) {
-                    for (int gj = 0; gj < 3; ++gj) {
-                        const ptrdiff_t i = col0 + gj;
-                        hv_b[i] = (float)wide[gi][gj];
-                    }
+                for (int gi = 0; gi < 1; ++gi)
+                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
+            }
+            for (int gi = 0; gi < 1; ++gi) {
+                for (int gj = 0; gj < 3; ++gj) {
+                    const ptrdiff_t i = col0 + gj;
+                    hv_b[i] = (float)wide[gi][gj];
                 }
             }
-            /* the columns left over at the right edge */
-            for (int gi = 0; gi < 1; ++gi) {
-                for (ptrdiff_t i = col_full; i < 3; ++i) {
-                    double acc = 0;
-                    for (ptrdiff_t j = 0; j < B; ++j) {
-                        const float d_out_ = d_out[0];
-                        const float t_matmul_ji = t_matmul[i + 3*j];
-                        const float v_b_i = v_b[i];
-                        const float v_target_ji = v_target[i + 3*j];
-                        const float t0 = 2*d_out_;
-                        const float term_hv_b = t0*t_matmul_ji + t0*v_b_i - t0*v_target_ji;
-                        acc += term_hv_b;
-                    }
-                    hv_b[i] = (float)acc;
+        }
+        /* the columns left over at the right edge */
+        {
+            for (ptrdiff_t i = col_full; i < 3; ++i) {
+                double acc = 0;
+                for (ptrdiff_t j = 0; j < B; ++j) {
+                    const float d_out_ = d_out[0];
+                    const float t_matmul_ji = t_matmul[i + 3*j];
+                    const float v_b_i = v_b[i];
+                    const float v_target_ji = v_target[i + 3*j];
+                    const float t0 = 2*d_out_;
+                    const float term_hv_b = t0*t_matmul_ji + t0*v_b_i - t0*v_target_ji;
+                    acc += term_hv_b;
                 }
+                hv_b[i] = (float)acc;
             }
         }
     }
