@@ -75,15 +75,33 @@ def _rules(node: ir.Node, adj: ir.Node) -> Iterator[tuple[ir.Node, ir.Node]]:
                 yield arg, g
 
 
+def _covers_box(op: ir.Operand, node: ir.Map) -> bool:
+    """``op`` is read at every point of ``node``'s loop box exactly once, in loop order."""
+    return op.index == ir.identity_map(len(node.loop)) and all(ir.same_extent(a, b) for a, b in zip(op.node.shape, node.loop))
+
+
 def map_adjoints(node: ir.Map, adj: ir.Node) -> Iterator[tuple[ir.Node, ir.Node]]:
-    """The contribution of ``node`` to the adjoint of each of its operands."""
+    """The contribution of ``node`` to the adjoint of each of its operands.
+
+    Operands with the same partial derivative share it: when one of them is read once at
+    every point of the loop box (``Z`` in ``tanh(Z + b)``), its contribution holds
+    ``adj · ∂f/∂x`` at every point, and the others (the broadcast ``b``) sum that array
+    instead of evaluating the derivative again.
+    """
     extremum = node.reduce in ("max", "min")
     count = tie_count(node) if extremum else None
-    for op in node.operands:
-        if op.node.dtype == "bool":
-            continue  # masks are piecewise constant
-        d = clean_derivative(sp.diff(node.expr, op.symbol))
+    shared: dict[sp.Expr, ir.Map] = {}  # derivative -> the contribution of an operand covering the box
+    partials = [(op, clean_derivative(sp.diff(node.expr, op.symbol))) for op in node.operands if op.node.dtype != "bool"]
+    # Box-covering operands first, so the others can read their contributions.
+    partials.sort(key=lambda item: not _covers_box(item[0], node))
+    for op, d in partials:
         if d == 0:
+            continue
+        if not extremum and d in shared:
+            full = shared[d]
+            summed = ir.Map(op.node.shape, node.loop, op.index, [(full, ir.identity_map(len(node.loop)))], lambda g: g,
+                            reduce="sum", name=_adjoint_name(op.node), loc=node.loc)
+            yield op.node, ir.canonical(summed)
             continue
         operands = [(adj, node.out_index)] + [(o.node, o.index) for o in node.operands]
         olds = [o.symbol for o in node.operands]
@@ -98,10 +116,12 @@ def map_adjoints(node: ir.Map, adj: ir.Node) -> Iterator[tuple[ir.Node, ir.Node]
                 local = local * hit / n
             return g * local
 
-        contribution = ir.Map(
+        contribution = ir.canonical(ir.Map(
             op.node.shape, node.loop, op.index, operands, body, reduce="sum", name=_adjoint_name(op.node), loc=node.loc
-        )
-        yield op.node, ir.canonical(contribution)
+        ))
+        if _covers_box(op, node):
+            shared.setdefault(d, contribution)
+        yield op.node, contribution
 
 
 def tie_count(node: ir.Map) -> ir.Map:

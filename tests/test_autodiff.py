@@ -508,3 +508,27 @@ def test_adjoint_nodes_are_the_same_node_kind():
     for n in ir.topo_order(grads):
         if isinstance(n, ir.Map):
             assert not n.expr.has(sp.Derivative, sp.DiracDelta)
+
+
+# ----------------------------------------------------------------------------- shared partial derivatives
+def dense_tanh(X: f64["N", "K"], W: f64["K", "M"], b: f64["M"]):
+    return gradc.sum(gradc.tanh(X @ W + b) ** 2)
+
+
+def test_a_broadcast_operand_sums_the_adjoint_it_shares():
+    """In tanh(Z + b), ∂/∂Z and ∂/∂b are the same: b's adjoint sums Z's instead of evaluating
+    tanh's derivative a second time (two exponentials per element, in an MLP's bias gradient)."""
+    (loss,) = fused = gradc.compiler.rewrite.fuse(traced_graph(dense_tanh).outputs)
+    b = next(n for n in ir.topo_order(fused) if isinstance(n, ir.Input) and n.param == "b")
+    (d_b,) = autodiff.vjp([loss], [ir.constant(1)], [b])
+    (read,) = d_b.operands
+    # a plain sum over the rows of the (N, M) adjoint of Z = X @ W
+    assert d_b.reduce == "sum" and d_b.expr == read.symbol
+    N, M = ir.dim_symbol("N"), ir.dim_symbol("M")
+    assert isinstance(read.node, ir.Map) and tuple(read.node.shape) == (N, M)
+
+    rng = np.random.default_rng(3)
+    X, W, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 3)), rng.standard_normal(3)
+    got = reference.evaluate([d_b], {"X": X, "W": W, "b": b}, {"N": 5, "K": 4, "M": 3})[0]
+    Z = np.tanh(X @ W + b)
+    np.testing.assert_allclose(got, np.sum(2 * Z * (1 - Z**2), axis=0), rtol=1e-12)

@@ -971,7 +971,7 @@ int gradient_penalty_value_and_grad(
         }
     }
 
-    /* d_b[i] += d_out*(2*b[i] + 2*matmul[j, i] - 2*target[j, i])   (over j)   [gradient_penalty.py: line 20] */
+    /* d_b[i] += d_matmul[j, i]   (over j)   [gradient_penalty.py: line 20] */
     {
         const ptrdiff_t col_full = 3 / 3 * 3;
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
@@ -989,11 +989,8 @@ int gradient_penalty_value_and_grad(
                     for (int gi = 0; gi < 1; ++gi) {
                         for (int gj = 0; gj < 3; ++gj) {
                             const ptrdiff_t i = col0 + gj;
-                            const float d_out_ = d_out[0];
-                            const float matmul_ji = matmul[i + 3*j];
-                            const float b_i = b[i];
-                            const float target_ji = target[i + 3*j];
-                            const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
+                            const float d_matmul_ji = d_matmul[i + 3*j];
+                            const float term_d_b = d_matmul_ji;
                             tile[gi][gj] += term_d_b;
                         }
                     }
@@ -1013,11 +1010,8 @@ int gradient_penalty_value_and_grad(
             for (ptrdiff_t i = col_full; i < 3; ++i) {
                 double acc = 0;
                 for (ptrdiff_t j = 0; j < B; ++j) {
-                    const float d_out_ = d_out[0];
-                    const float matmul_ji = matmul[i + 3*j];
-                    const float b_i = b[i];
-                    const float target_ji = target[i + 3*j];
-                    const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
+                    const float d_matmul_ji = d_matmul[i + 3*j];
+                    const float term_d_b = d_matmul_ji;
                     acc += term_d_b;
                 }
                 d_b[i] = (float)acc;
@@ -1651,7 +1645,7 @@ int gradient_penalty_vjp(
         }
     }
 
-    /* d_b[i] += d_out*(2*b[i] + 2*matmul[j, i] - 2*target[j, i])   (over j)   [gradient_penalty.py: line 20] */
+    /* d_b[i] += d_matmul[j, i]   (over j)   [gradient_penalty.py: line 20] */
     {
         const ptrdiff_t col_full = 3 / 3 * 3;
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
@@ -1669,11 +1663,8 @@ int gradient_penalty_vjp(
                     for (int gi = 0; gi < 1; ++gi) {
                         for (int gj = 0; gj < 3; ++gj) {
                             const ptrdiff_t i = col0 + gj;
-                            const float d_out_ = d_out[0];
-                            const float matmul_ji = matmul[i + 3*j];
-                            const float b_i = b[i];
-                            const float target_ji = target[i + 3*j];
-                            const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
+                            const float d_matmul_ji = d_matmul[i + 3*j];
+                            const float term_d_b = d_matmul_ji;
                             tile[gi][gj] += term_d_b;
                         }
                     }
@@ -1693,11 +1684,8 @@ int gradient_penalty_vjp(
             for (ptrdiff_t i = col_full; i < 3; ++i) {
                 double acc = 0;
                 for (ptrdiff_t j = 0; j < B; ++j) {
-                    const float d_out_ = d_out[0];
-                    const float matmul_ji = matmul[i + 3*j];
-                    const float b_i = b[i];
-                    const float target_ji = target[i + 3*j];
-                    const float term_d_b = d_out_*(2*b_i + 2*matmul_ji - 2*target_ji);
+                    const float d_matmul_ji = d_matmul[i + 3*j];
+                    const float term_d_b = d_matmul_ji;
                     acc += term_d_b;
                 }
                 d_b[i] = (float)acc;
@@ -3137,7 +3125,7 @@ int gradient_penalty_hvp(
         }
     }
 
-    /* hv_b[i] += 2*d_out*t_matmul[j, i] + 2*d_out*v_b[i] - 2*d_out*v_target[j, i]   (over j)   [gradient_penalty.py: line 20] */
+    /* hv_b[i] += t_d_matmul[j, i]   (over j)   [gradient_penalty.py: line 20] */
     {
         const ptrdiff_t col_full = 3 / 3 * 3;
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 3) {
@@ -3155,12 +3143,8 @@ int gradient_penalty_hvp(
                     for (int gi = 0; gi < 1; ++gi) {
                         for (int gj = 0; gj < 3; ++gj) {
                             const ptrdiff_t i = col0 + gj;
-                            const float d_out_ = d_out[0];
-                            const float t_matmul_ji = t_matmul[i + 3*j];
-                            const float v_b_i = v_b[i];
-                            const float v_target_ji = v_target[i + 3*j];
-                            const float t0 = 2*d_out_;
-                            const float term_hv_b = t0*t_matmul_ji + t0*v_b_i - t0*v_target_ji;
+                            const float t_d_matmul_ji = t_d_matmul[i + 3*j];
+                            const float term_hv_b = t_d_matmul_ji;
                             tile[gi][gj] += term_hv_b;
                         }
                     }
@@ -3180,12 +3164,8 @@ int gradient_penalty_hvp(
             for (ptrdiff_t i = col_full; i < 3; ++i) {
                 double acc = 0;
                 for (ptrdiff_t j = 0; j < B; ++j) {
-                    const float d_out_ = d_out[0];
-                    const float t_matmul_ji = t_matmul[i + 3*j];
-                    const float v_b_i = v_b[i];
-                    const float v_target_ji = v_target[i + 3*j];
-                    const float t0 = 2*d_out_;
-                    const float term_hv_b = t0*t_matmul_ji + t0*v_b_i - t0*v_target_ji;
+                    const float t_d_matmul_ji = t_d_matmul[i + 3*j];
+                    const float term_hv_b = t_d_matmul_ji;
                     acc += term_hv_b;
                 }
                 hv_b[i] = (float)acc;
