@@ -92,6 +92,24 @@ def compiler_identity(cc: str) -> str | None:
     return out.stdout.splitlines()[0] if out.stdout else exe
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_identity() -> str:
+    """The processor's model and instruction-set flags: ``-march=native`` builds for them, so a
+    cache folder shared between machines must not hand one machine's binary to another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = {}
+            for line in f:
+                key, _, value = line.partition(":")
+                lines.setdefault(key.strip(), value.strip())
+                if "flags" in lines and "model name" in lines:
+                    break
+        # x86 says "flags", Arm "Features"
+        return f"{lines.get('model name', '')} | {lines.get('flags') or lines.get('Features', '')}"
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
 def cache_key(source: str, cdef: str, cflags: Sequence[str], link_args: Sequence[str] = ()) -> str:
     """A hash of what selects the binary.  The compiler's version is checked against the
     entry's manifest instead, so that a cached kernel loads on a machine without a compiler."""
@@ -106,6 +124,7 @@ def cache_key(source: str, cdef: str, cflags: Sequence[str], link_args: Sequence
         sys.implementation.cache_tag or "",
         sysconfig.get_config_var("EXT_SUFFIX") or "",
         platform.machine(),
+        cpu_identity(),
         __version__,
         cffi.__version__,
     ):

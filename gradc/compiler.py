@@ -6,6 +6,7 @@ and records, for the runtime, what each generated function takes and returns.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import textwrap
@@ -233,11 +234,33 @@ def _work(nodes: Sequence[ir.Node]) -> tuple[int, int]:
     return len(maps), sum(sp.count_ops(m.expr) for m in maps)
 
 
+#: What :func:`compile` builds at once; the other entry points are built on first use, so a
+#: first compile runs the C compiler over a third to a half of the code.
+FIRST_ENTRIES = ("forward", "value_and_grad")
+
+
+def _first_entries(lowered: Lowered) -> list[str]:
+    # A kernel without value_and_grad (outputs that are not one scalar) is differentiated by vjp.
+    wanted = FIRST_ENTRIES if "value_and_grad" in lowered.meta["entries"] else ("forward", "vjp")
+    return [e for e in lowered.meta["entries"] if e in wanted]
+
+
 def compile_many(
-    lowered: Sequence[Lowered], module: str, *, cflags: Sequence[str] | None = None, progress: Progress = _quiet, prefix: str = ""
+    lowered: Sequence[Lowered],
+    module: str,
+    *,
+    cflags: Sequence[str] | None = None,
+    progress: Progress = _quiet,
+    prefix: str = "",
+    entries: Sequence[str] | None = None,
 ):
+    """Render and build the kernels ``lowered`` as one extension; with ``entries``, only those
+    entry points (the Python calls of :mod:`gradc.pycall` come with ``forward``)."""
+    specs = [l.spec for l in lowered]
+    if entries is not None:
+        specs = [dataclasses.replace(spec, entries=[e for e in spec.entries if e.suffix in entries]) for spec in specs]
     progress("generating C (common subexpressions)")
-    rendered = codegen.render([l.spec for l in lowered], module, prefix=prefix)
+    rendered = codegen.render(specs, module, prefix=prefix)
     flags = list(cflags) if cflags else build.default_cflags()
     link_args: list[str] = []
     if any(l.spec.backend == "blas" for l in lowered):
@@ -249,9 +272,11 @@ def compile_many(
         link_args += build.OPENMP_FLAGS
     progress("building with the C compiler (or loading from the cache)")
     # The extension also gets the direct calls from Python; the exported C never does.
-    kernels = [(l.spec, l.meta) for l in lowered]
-    source = rendered.translation_unit() + pycall.render(kernels, module)
-    cdef = rendered.cdef + "\n" + pycall.cdef(kernels)
+    source, cdef = rendered.translation_unit(), rendered.cdef
+    if entries is None or "forward" in entries:
+        kernels = [(spec, l.meta) for spec, l in zip(specs, lowered)]
+        source += pycall.render(kernels, module)
+        cdef += "\n" + pycall.cdef(kernels)
     built = build.build_module(source, cdef, name=module, cflags=flags, link_args=link_args)
     return rendered, built
 
@@ -264,30 +289,46 @@ _traced_under: "weakref.WeakKeyDictionary[Kernel, str]" = weakref.WeakKeyDiction
 
 
 class _Compiled(CompiledKernel):
-    """A kernel from :func:`compile`, which keeps the compiler's intermediate results for the
-    views of :meth:`show`.  A kernel loaded through the cache's index has none: they are
+    """A kernel from :func:`compile`.  Its extension holds :data:`FIRST_ENTRIES`; the other
+    entry points are built on first use.  It keeps the compiler's intermediate results for
+    the views of :meth:`show`; a kernel loaded through the cache's index has none, and they are
     computed (traced, lowered, rendered; nothing is built) on first use."""
 
-    def __init__(self, meta: dict, built, *, c_source: str, header: str, kernel: Kernel, options: dict, stages=None):
-        super().__init__(meta, built.ffi, built.lib, c_source=c_source, header=header)
+    def __init__(self, meta: dict, built, *, kernel: Kernel, options: dict, cflags, lowered: Lowered | None = None):
+        super().__init__(meta, built.ffi, built.lib, rest=self._build_rest)
         self.kernel = kernel
         self.module_name = built.module_name
         self._options = options
-        self._stages = stages
-
-    def _stage(self, i: int):
-        if self._stages is None:
-            lowered = lower(self.kernel, **self._options)
-            self._stages = (lowered, codegen.render([lowered.spec], lowered.spec.name))
-        return self._stages[i]
+        self._cflags = cflags
+        self._lowered = lowered
+        self._rendered: codegen.Rendered | None = None
 
     @property
     def lowered(self) -> Lowered:
-        return self._stage(0)
+        if self._lowered is None:
+            self._lowered = lower(self.kernel, **self._options)
+        return self._lowered
 
     @property
     def rendered(self) -> codegen.Rendered:
-        return self._stage(1)
+        """Every entry point's C, as ``gradc compile --emit c`` writes it."""
+        if self._rendered is None:
+            self._rendered = codegen.render([self.lowered.spec], self.lowered.spec.name)
+        return self._rendered
+
+    @property
+    def c_source(self) -> str:
+        return self.rendered.c_source
+
+    @property
+    def header(self) -> str:
+        return self.rendered.header
+
+    def _build_rest(self):
+        first = _first_entries(self.lowered)
+        rest = [e for e in self.lowered.meta["entries"] if e not in first]
+        _, built = compile_many([self.lowered], self.lowered.spec.name, cflags=self._cflags, entries=rest)
+        return built.ffi, built.lib
 
 
 def _indexed(options: dict) -> bool:
@@ -296,7 +337,7 @@ def _indexed(options: dict) -> bool:
     return options["backend"] == "c"
 
 
-def _load_indexed(k: Kernel, key: str, options: dict) -> _Compiled | None:
+def _load_indexed(k: Kernel, key: str, options: dict, cflags: Sequence[str] | None = None) -> _Compiled | None:
     """The kernel the index records under ``key``, or None (no record, or one that does not load)."""
     record = build.read_index(key)
     if record is None:
@@ -305,7 +346,7 @@ def _load_indexed(k: Kernel, key: str, options: dict) -> _Compiled | None:
     if built is None:
         return None
     try:
-        return _Compiled(record["meta"], built, c_source=record["c_source"], header=record["header"], kernel=k, options=options)
+        return _Compiled(record["meta"], built, kernel=k, options=options, cflags=cflags)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None  # a record that does not fit its extension: compile as if it were not there
 
@@ -313,10 +354,8 @@ def _load_indexed(k: Kernel, key: str, options: dict) -> _Compiled | None:
 def _compile_traced(k: Kernel, options: dict, cflags: Sequence[str] | None) -> _Compiled:
     """The full path: trace (or reuse ``k``'s trace), differentiate, render, build or load by C source."""
     lowered = lower(k, **options)
-    rendered, built = compile_many([lowered], lowered.spec.name, cflags=cflags)
-    return _Compiled(
-        lowered.meta, built, c_source=rendered.c_source, header=rendered.header, kernel=k, options=options, stages=(lowered, rendered)
-    )
+    _, built = compile_many([lowered], lowered.spec.name, cflags=cflags, entries=_first_entries(lowered))
+    return _Compiled(lowered.meta, built, kernel=k, options=options, cflags=cflags, lowered=lowered)
 
 
 def compile(
@@ -350,14 +389,14 @@ def compile(
     cached = _memo.get((id(k), key))
     if cached is not None and cached.kernel is k:
         return cached
-    compiled = _load_indexed(k, key, options) if _indexed(options) else None
+    compiled = _load_indexed(k, key, options, cflags) if _indexed(options) else None
     if compiled is None:
         if _traced_under.get(k) != digest:
             k.retrace()
             _traced_under[k] = digest
         compiled = _compile_traced(k, options, cflags)
         if _indexed(options):
-            build.write_index(key, compiled.module_name, meta=compiled.meta, c_source=compiled.c_source, header=compiled.header)
+            build.write_index(key, compiled.module_name, meta=compiled.meta)
     _memo[(id(k), key)] = compiled
     return compiled
 

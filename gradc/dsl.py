@@ -1023,7 +1023,6 @@ class Kernel:
         self.__wrapped__ = fn
         self.params = _params_of(fn)
         self._traced: Traced | None = None
-        self._forward = None
 
     @property
     def name(self) -> str:
@@ -1042,11 +1041,11 @@ class Kernel:
     def __call__(self, *args, **kwargs):
         if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
             return self.fn(*args, **kwargs)  # called from another kernel: inline it
-        if self._forward is None:
-            from .compiler import compile as compile_kernel
+        from .compiler import compile as compile_kernel
 
-            self._forward = compile_kernel(self, wrt=[])
-        return self._forward(*args, **kwargs)
+        # Through compile() every time (a memo lookup by the kernel's fingerprint): a global or
+        # closure value the kernel reads may have changed since the last call.
+        return compile_kernel(self, wrt=[])(*args, **kwargs)
 
     def __repr__(self) -> str:
         sig = ", ".join(f"{p.name}: {p.type!r}" for p in self.params)

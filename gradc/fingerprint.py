@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__
+from . import __version__, build
 from .dsl import Kernel, TensorType
 
 #: Bumped whenever what the key covers changes, so old index records are never trusted.
@@ -255,6 +255,7 @@ def _environment() -> tuple:
         sys.implementation.cache_tag or "",
         sysconfig.get_config_var("EXT_SUFFIX") or "",
         platform.machine(),
+        build.cpu_identity(),
         np.__version__,
         *(_package_identity(p) for p in ("sympy", "jinja2", "cffi")),
     )

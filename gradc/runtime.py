@@ -116,12 +116,14 @@ class _Workspace(threading.local):
 class CompiledKernel:
     """A compiled kernel: call it for the forward value, or ask for gradients and VJPs."""
 
-    def __init__(self, meta: dict, ffi, lib, *, c_source: str = "", header: str = ""):
+    def __init__(self, meta: dict, ffi, lib, *, c_source: str = "", header: str = "", rest=None):
+        """``lib`` holds the C functions of ``meta["entries"]``, or some of them; then ``rest()``
+        builds the others and returns ``(ffi, lib)`` with them, on the first call that needs one."""
         self.meta = meta
         self.ffi = ffi
         self.lib = lib
-        self.c_source = c_source
-        self.header = header
+        self._c_source = c_source
+        self._header = header
         self.kernel = None
         self.name: str = meta["kernel"]
         self.dtype = _NP_DTYPES[meta["dtype"]]
@@ -133,8 +135,10 @@ class CompiledKernel:
         self._constraints = [(_compile_expr(c, self.dims), msg) for c, msg in meta["constraints"]]
         self._out_shapes = [_shape_fn(o["shape"], self.dims) for o in meta["outputs"]]
         self._n_outputs = len(meta["outputs"])
-        self._entries = {k: getattr(lib, v) for k, v in meta["entries"].items()}
-        self._workspace_size = getattr(lib, f"{meta['name']}_workspace_size")
+        self._entries = {k: getattr(lib, v) for k, v in meta["entries"].items() if hasattr(lib, v)}
+        self._sizes = [getattr(lib, f"{meta['name']}_workspace_size")]
+        self._rest = rest
+        self._rest_lock = threading.Lock()
         self._local = _Workspace()
         self._plans: dict[tuple, _Plan] = {}
         # map(self._from_buffer, self._ctypes, arrays) gives the C pointers without a Python loop.
@@ -143,10 +147,42 @@ class CompiledKernel:
         self._tuple_output = bool(meta["tuple_output"])
         self._wrt_single = bool(meta["wrt_single"])
         self._scalar_outputs = [len(o["shape"]) == 0 for o in meta["outputs"]]
-        self._scalar_ok = bool(self.wrt) and "value_and_grad" in self._entries
+        self._scalar_ok = bool(self.wrt) and "value_and_grad" in meta["entries"]
         direct = _direct_calls(meta, ffi, lib)
         self._direct_forward = direct["forward"]
         self._direct_value_and_grad = direct.get("value_and_grad", _decline)
+
+    @property
+    def c_source(self) -> str:
+        """The C of every entry point, as ``gradc compile --emit c`` writes it."""
+        return self._c_source
+
+    @property
+    def header(self) -> str:
+        return self._header
+
+    # -- the C functions -------------------------------------------------------------------
+    def _entry(self, name: str):
+        fn = self._entries.get(name)
+        if fn is None:
+            self._load_rest()
+            fn = self._entries[name]
+        return fn
+
+    def _load_rest(self) -> None:
+        with self._rest_lock:
+            if self._rest is None:
+                return
+            _ffi, lib = self._rest()
+            self._rest_lib = lib  # keeps the extension loaded
+            self._entries.update({k: getattr(lib, v) for k, v in self.meta["entries"].items() if k not in self._entries})
+            self._sizes.append(getattr(lib, f"{self.meta['name']}_workspace_size"))
+            # Plans hold workspace sizes, which the new functions may exceed.
+            self._plans.clear()
+            self._rest = None
+
+    def _workspace_size(self, *dims) -> int:
+        return max(int(size(*dims)) for size in self._sizes)
 
     # -- argument checking --------------------------------------------------------------
     def _bind(self, args: tuple, kwargs: dict, what: str) -> list:
@@ -342,7 +378,7 @@ class CompiledKernel:
             if result is not None:
                 return result
         plan, pointers, _shapes = self._arguments(args, kwargs, "__call__")
-        return self._value(self._call(self._entries["forward"], plan, pointers, plan.out_shapes))
+        return self._value(self._call(self._entry("forward"), plan, pointers, plan.out_shapes))
 
     def value_and_grad(self, *args, **kwargs):
         """The (scalar) value and its gradients with respect to ``wrt``, in ``wrt`` order."""
@@ -353,7 +389,7 @@ class CompiledKernel:
             if result is not None:
                 return result
         plan, pointers, _shapes = self._arguments(args, kwargs, "value_and_grad")
-        results = self._call(self._entries["value_and_grad"], plan, pointers, plan.grad_shapes)
+        results = self._call(self._entry("value_and_grad"), plan, pointers, plan.grad_shapes)
         # A scalar kernel has one 0-d output (in a tuple when the kernel returns ``(loss,)``).
         value = (results[0][()],) if self._tuple_output else results[0][()]
         return value, results[1] if self._wrt_single else tuple(results[1:])
@@ -369,13 +405,14 @@ class CompiledKernel:
         returning a tuple it is a tuple with one array per output.
         """
         self._need_grads("vjp")
+        fn = self._entry("vjp")  # before the plan: building it may change the workspace size
         args, kwargs, cot = self._split_extra(args, kwargs, "cotangent", "vjp")
         plan, pointers, _shapes = self._arguments(args, kwargs, "vjp")
         out_shapes = plan.out_shapes
         tuple_out = self._tuple_output
         labels = [f"cotangent[{i}]" for i in range(len(out_shapes))] if tuple_out else ["cotangent"]
         pointers += self._pointers(self._extra_arrays(cot, out_shapes, labels, tuple_out, "vjp", "output"))
-        results = self._call(self._entries["vjp"], plan, pointers, plan.grad_shapes)
+        results = self._call(fn, plan, pointers, plan.grad_shapes)
         return self._value(results[: len(out_shapes)]), self._grads(results[len(out_shapes) :])
 
     def jvp(self, *args, **kwargs):
@@ -386,13 +423,14 @@ class CompiledKernel:
         ``wrt`` parameter, a tuple unless the kernel was compiled with a single ``wrt`` name.
         """
         self._need_grads("jvp")
+        fn = self._entry("jvp")  # before the plan: building it may change the workspace size
         args, kwargs, tangents = self._split_extra(args, kwargs, "tangents", "jvp")
         plan, pointers, shapes = self._arguments(args, kwargs, "jvp")
         wrt_shapes = [shapes[i] for i in self._wrt_index]
         labels = [f"tangent[{w}]" for w in self.wrt]
         pointers += self._pointers(self._extra_arrays(tangents, wrt_shapes, labels, not self._wrt_single, "jvp", "wrt parameter"))
         out_shapes = plan.out_shapes
-        results = self._call(self._entries["jvp"], plan, pointers, out_shapes + out_shapes)
+        results = self._call(fn, plan, pointers, out_shapes + out_shapes)
         return self._value(results[: len(out_shapes)]), self._value(results[len(out_shapes) :])
 
     def hvp(self, *args, **kwargs):
@@ -402,12 +440,13 @@ class CompiledKernel:
         result is shaped like the gradients too.
         """
         self._need_scalar("hvp")
+        fn = self._entry("hvp")  # before the plan: building it may change the workspace size
         args, kwargs, v = self._split_extra(args, kwargs, "v", "hvp")
         plan, pointers, shapes = self._arguments(args, kwargs, "hvp")
         wrt_shapes = [shapes[i] for i in self._wrt_index]
         labels = [f"v[{w}]" for w in self.wrt]
         pointers += self._pointers(self._extra_arrays(v, wrt_shapes, labels, not self._wrt_single, "hvp", "wrt parameter"))
-        return self._grads(self._call(self._entries["hvp"], plan, pointers, wrt_shapes))
+        return self._grads(self._call(fn, plan, pointers, wrt_shapes))
 
     def hessian(self, *args, **kwargs):
         """The dense Hessian of the scalar output, one Hessian-vector product per column.
@@ -417,10 +456,10 @@ class CompiledKernel:
         C call per input element.
         """
         self._need_scalar("hessian")
+        hvp = self._entry("hvp")  # before the plan: building it may change the workspace size
         plan, pointers, shapes = self._arguments(args, kwargs, "hessian")
         shapes = [shapes[i] for i in self._wrt_index]
         sizes = [int(np.prod(s)) for s in shapes]
-        hvp = self._entries["hvp"]
         columns = []
         for j, size in enumerate(sizes):
             for e in range(size):
@@ -454,7 +493,9 @@ class CompiledKernel:
         return views.render(view, compiled, **options)
 
     def workspace_size(self, **dims) -> int:
-        """Bytes of workspace the C functions need for these named dimensions."""
+        """Bytes of workspace the C functions need for these named dimensions (all of them:
+        this builds the entry points not built yet)."""
+        self._load_rest()
         return int(self._workspace_size(*(dims[d] for d in self.dims)))
 
     def __repr__(self) -> str:

@@ -394,3 +394,35 @@ def test_the_exported_c_has_no_python_calls(k_layer):
     """The direct calls are built into the extension only: the C users get stays plain C99."""
     for text in (k_layer.c_source, k_layer.header):
         assert "Python" not in text and "numpy" not in text and "PyObject" not in text
+
+
+# -- entry points built on first use --------------------------------------------------------------
+
+
+@gradc.kernel
+def quartic(x: f64["N"], A: f64["N", "N"]):
+    y = A @ x
+    return gradc.sum(y * y * y * y)
+
+
+def test_entry_points_beyond_value_and_grad_are_built_on_first_use_with_their_workspace():
+    """compile() builds forward and value_and_grad; vjp/jvp/hvp come in a second extension on
+    first use.  A plan made before it was built must not lend its (smaller) workspace to them."""
+    k = gradc.compile(quartic)
+    assert set(k._entries) == {"forward", "value_and_grad"}
+    rng = np.random.default_rng(5)
+    n = 37
+    x, A = rng.standard_normal(n), rng.standard_normal((n, n))
+    value, (gx, gA) = k.value_and_grad(x, A)  # makes a plan for these shapes
+    y = A @ x
+    np.testing.assert_allclose(gx, A.T @ (4 * y**3), rtol=1e-12)
+    vx, vA = rng.standard_normal(n), rng.standard_normal((n, n))
+    hx, hA = k.hvp(x, A, (vx, vA))
+    # directional derivative of the gradient: d/dt grad(x + t vx, A + t vA) at t = 0
+    dy = vA @ x + A @ vx
+    np.testing.assert_allclose(hx, vA.T @ (4 * y**3) + A.T @ (12 * y**2 * dy), rtol=1e-10)
+    np.testing.assert_allclose(hA, np.outer(12 * y**2 * dy, x) + np.outer(4 * y**3, vx), rtol=1e-10)
+    assert set(k._entries) == {"forward", "value_and_grad", "vjp", "jvp", "hvp"}
+    assert k._local.nbytes >= k.workspace_size(N=n)
+    _, (cx, _) = k.vjp(x, A, 2.0)
+    np.testing.assert_allclose(cx, 2 * gx, rtol=1e-12)

@@ -290,7 +290,7 @@ def _record(cache: Path) -> Path:
 def test_a_loaded_kernel_has_its_source_views_and_errors(private_cache, cubes_cache):
     built = cubes_cache[1]
     loaded = gradc.compile(_fresh(cubes))
-    assert loaded._stages is None  # loaded through the index, not traced
+    assert loaded._lowered is None  # loaded through the index, not traced
     assert loaded.c_source == built.c_source and loaded.header == built.header
     assert loaded.meta == built.meta
     assert loaded.show("math") == built.show("math")  # computed on demand
@@ -379,3 +379,11 @@ def test_a_changed_global_is_seen_by_the_next_process(tmp_path):
     assert stale.returncode != 0 and "C compiler" in stale.stderr
     check(run("3.0"), 3.0)
     check(run("2.0", cc="nosuchcc"), 2.0)
+
+
+def test_calling_a_kernel_directly_sees_a_changed_global(private_cache, monkeypatch):
+    """``scaled(x)`` (no gradc.compile in sight) compiles its forward pass; a later call after
+    SCALE changed must compute with the new value, not reuse the first build."""
+    np.testing.assert_allclose(scaled(X), np.sum(np.sin(X)) * 2.0, rtol=1e-14)
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 7.0)
+    np.testing.assert_allclose(scaled(X), np.sum(np.sin(X)) * 7.0, rtol=1e-14)
