@@ -326,13 +326,17 @@ class CompiledKernel:
             raise TypeError(f"{self.name}.{what}() takes the kernel's arguments followed by {keyword}")
         return args[:-1], kwargs, args[-1]
 
-    def _arguments(self, args: tuple, kwargs: dict, what: str) -> tuple[_Plan, list, list[tuple]]:
-        """The plan, the C pointers and the shapes of the kernel's own arguments."""
+    def _arguments(self, args: tuple, kwargs: dict, what: str, entry: str) -> tuple:
+        """The C function ``entry``, the plan, the C pointers and the shapes of the kernel's own arguments.
+
+        The function comes first: building it (see :meth:`_entry`) may raise the workspace
+        size, and a plan made before that would carry the old one."""
+        fn = self._entry(entry)
         fast = None if kwargs else self._fast(args)
         if fast is not None:
-            return fast[0], fast[1], [a.shape for a in args]
+            return fn, fast[0], fast[1], [a.shape for a in args]
         arrays, plan = self._prepare(args, kwargs, what)
-        return plan, self._pointers(arrays), [a.shape for a in arrays]
+        return fn, plan, self._pointers(arrays), [a.shape for a in arrays]
 
     def _extra_arrays(self, value, shapes: list[tuple], labels: list[str], grouped: bool, what: str, per: str) -> list[np.ndarray]:
         """Check the arrays of an extra argument: one ``per`` item, in a tuple when ``grouped``."""
@@ -377,8 +381,8 @@ class CompiledKernel:
             result = self._direct_forward(args, self._local.buf)
             if result is not None:
                 return result
-        plan, pointers, _shapes = self._arguments(args, kwargs, "__call__")
-        return self._value(self._call(self._entry("forward"), plan, pointers, plan.out_shapes))
+        fn, plan, pointers, _shapes = self._arguments(args, kwargs, "__call__", "forward")
+        return self._value(self._call(fn, plan, pointers, plan.out_shapes))
 
     def value_and_grad(self, *args, **kwargs):
         """The (scalar) value and its gradients with respect to ``wrt``, in ``wrt`` order."""
@@ -388,8 +392,8 @@ class CompiledKernel:
             result = self._direct_value_and_grad(args, self._local.buf)
             if result is not None:
                 return result
-        plan, pointers, _shapes = self._arguments(args, kwargs, "value_and_grad")
-        results = self._call(self._entry("value_and_grad"), plan, pointers, plan.grad_shapes)
+        fn, plan, pointers, _shapes = self._arguments(args, kwargs, "value_and_grad", "value_and_grad")
+        results = self._call(fn, plan, pointers, plan.grad_shapes)
         # A scalar kernel has one 0-d output (in a tuple when the kernel returns ``(loss,)``).
         value = (results[0][()],) if self._tuple_output else results[0][()]
         return value, results[1] if self._wrt_single else tuple(results[1:])
@@ -405,9 +409,8 @@ class CompiledKernel:
         returning a tuple it is a tuple with one array per output.
         """
         self._need_grads("vjp")
-        fn = self._entry("vjp")  # before the plan: building it may change the workspace size
         args, kwargs, cot = self._split_extra(args, kwargs, "cotangent", "vjp")
-        plan, pointers, _shapes = self._arguments(args, kwargs, "vjp")
+        fn, plan, pointers, _shapes = self._arguments(args, kwargs, "vjp", "vjp")
         out_shapes = plan.out_shapes
         tuple_out = self._tuple_output
         labels = [f"cotangent[{i}]" for i in range(len(out_shapes))] if tuple_out else ["cotangent"]
@@ -423,9 +426,8 @@ class CompiledKernel:
         ``wrt`` parameter, a tuple unless the kernel was compiled with a single ``wrt`` name.
         """
         self._need_grads("jvp")
-        fn = self._entry("jvp")  # before the plan: building it may change the workspace size
         args, kwargs, tangents = self._split_extra(args, kwargs, "tangents", "jvp")
-        plan, pointers, shapes = self._arguments(args, kwargs, "jvp")
+        fn, plan, pointers, shapes = self._arguments(args, kwargs, "jvp", "jvp")
         wrt_shapes = [shapes[i] for i in self._wrt_index]
         labels = [f"tangent[{w}]" for w in self.wrt]
         pointers += self._pointers(self._extra_arrays(tangents, wrt_shapes, labels, not self._wrt_single, "jvp", "wrt parameter"))
@@ -440,9 +442,8 @@ class CompiledKernel:
         result is shaped like the gradients too.
         """
         self._need_scalar("hvp")
-        fn = self._entry("hvp")  # before the plan: building it may change the workspace size
         args, kwargs, v = self._split_extra(args, kwargs, "v", "hvp")
-        plan, pointers, shapes = self._arguments(args, kwargs, "hvp")
+        fn, plan, pointers, shapes = self._arguments(args, kwargs, "hvp", "hvp")
         wrt_shapes = [shapes[i] for i in self._wrt_index]
         labels = [f"v[{w}]" for w in self.wrt]
         pointers += self._pointers(self._extra_arrays(v, wrt_shapes, labels, not self._wrt_single, "hvp", "wrt parameter"))
@@ -456,8 +457,7 @@ class CompiledKernel:
         C call per input element.
         """
         self._need_scalar("hessian")
-        hvp = self._entry("hvp")  # before the plan: building it may change the workspace size
-        plan, pointers, shapes = self._arguments(args, kwargs, "hessian")
+        hvp, plan, pointers, shapes = self._arguments(args, kwargs, "hessian", "hvp")
         shapes = [shapes[i] for i in self._wrt_index]
         sizes = [int(np.prod(s)) for s in shapes]
         columns = []
