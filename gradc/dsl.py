@@ -1082,8 +1082,9 @@ def _tuple_output_names(outs: list, taken: list[str]) -> list[str]:
     return [f"out{i}" for i in range(len(outs))]
 
 
-def _name_locals(code, frame_filter):
-    """A profile hook that names traced tensors after the user's local variables."""
+def _name_locals(frame_filter, previous):
+    """A profile hook that names traced tensors after the user's local variables and then
+    passes the event on to the profile function that was installed before it, if any."""
 
     def hook(frame, event, arg):
         if event == "return" and frame_filter(frame):
@@ -1092,6 +1093,8 @@ def _name_locals(code, frame_filter):
                     value.node.name = name
             if isinstance(arg, Tensor) and arg.node.name is None:
                 arg.node.name = "out"
+        if previous is not None:
+            previous(frame, event, arg)
 
     return hook
 
@@ -1119,12 +1122,17 @@ def trace(fn: Callable, params: list[Param]) -> Traced:
     user_file = fn.__code__.co_filename
     state = TraceState()
     previous_profile = sys.getprofile()
-    sys.setprofile(_name_locals(fn.__code__, lambda f: f.f_code.co_filename == user_file))
+    # A profiler written in C (cProfile) cannot be chained to, nor put back with sys.setprofile:
+    # under one, tensors keep their generic names rather than stopping the user's profile.
+    naming = previous_profile is None or callable(previous_profile)
+    if naming:
+        sys.setprofile(_name_locals(lambda f: f.f_code.co_filename == user_file, previous_profile))
     try:
         with _active(state):
             result = fn(*(Tensor(i) for i in inputs))
     finally:
-        sys.setprofile(previous_profile)
+        if naming:
+            sys.setprofile(previous_profile)
     loc = (fn.__code__.co_filename, fn.__code__.co_firstlineno)
     if isinstance(result, (tuple, list)):
         outs = list(result)

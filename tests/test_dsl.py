@@ -5,7 +5,10 @@ right index maps, the traced graph is evaluated with the independent NumPy evalu
 (:mod:`gradc.reference`) and compared with NumPy.
 """
 
+import cProfile
 import inspect
+import pstats
+import sys
 
 import numpy as np
 import pytest
@@ -362,6 +365,39 @@ def test_traced_tensors_are_named_after_user_variables():
 
     names = {n.name for n in ir.topo_order(trace(k).graph.outputs)}
     assert "hidden" in names
+
+
+def test_tracing_passes_events_on_to_the_users_profile_function():
+    def k(x: f64[3]):
+        hidden = gradc.tanh(x)
+        return gradc.sum(hidden)
+
+    events = []
+
+    def profiler(frame, event, arg):
+        events.append((frame.f_code.co_name, event))
+
+    sys.setprofile(profiler)
+    try:
+        names = {n.name for n in ir.topo_order(trace(k).graph.outputs)}
+        assert sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
+    assert "hidden" in names
+    assert ("k", "call") in events and ("k", "return") in events
+
+
+def test_tracing_under_cprofile_keeps_the_profiler_running():
+    def k(x: f64[3]):
+        return gradc.sum(gradc.tanh(x))
+
+    profile = cProfile.Profile()
+    with profile:
+        traced = trace(k)
+        still_profiling = sys.getprofile() is profile
+    assert still_profiling
+    assert [tuple(o.shape) for o in traced.graph.outputs] == [()]
+    assert any(func[2] == "k" for func in pstats.Stats(profile).stats)
 
 
 # ----------------------------------------------------------------------------- trace-time errors
