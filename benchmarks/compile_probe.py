@@ -6,6 +6,7 @@ loaded extensions, gradc's in-process memo) carries over from an earlier compile
     python compile_probe.py compile NAME ARGS...    # gradc.compile with $GRADC_CACHE_DIR as it is
     python compile_probe.py package DIR NAME NPZ    # import the package `gradc compile` wrote in DIR
     python compile_probe.py stages NAME ARGS...     # a cold compile, stage by stage (needs an empty cache)
+    python compile_probe.py templates               # compile gradc's templates into $GRADC_CACHE_DIR
 
 The process inherits the parent's CPU pinning and thread settings.  Besides wall-clock
 seconds, ``cpu_s`` counts the CPU time of this process and of the C compiler it ran, which
@@ -74,12 +75,23 @@ def probe_package(folder: str, name: str, npz: str) -> dict:
     return {"import_s": imported, "first_call_s": _seconds(t0), "imports_sympy": "sympy" in sys.modules}
 
 
+def probe_templates() -> dict:
+    """Compile every template of gradc into the cache, as any compile does on first use."""
+    t0 = time.perf_counter()
+    from gradc import codegen
+
+    names = sorted(p.name for p in codegen.templates_dir().glob("*.j2"))
+    for name in names:
+        codegen.template(name)
+    return {"templates": names, "seconds": _seconds(t0)}
+
+
 def probe_stages(name: str, args: list[str]) -> dict:
     """Wall and CPU seconds of each stage of a cold ``gradc.compile``, run one stage at a time."""
     t0, cpu0 = time.perf_counter(), _cpu()
     import gradc
     import workloads
-    from gradc import build, codegen, compiler
+    from gradc import compiler
 
     stages = {"import": (_seconds(t0), _cpu() - cpu0)}
     w = workloads.FACTORIES[name](*map(int, args))
@@ -93,14 +105,17 @@ def probe_stages(name: str, args: list[str]) -> dict:
         return value
 
     stage("trace", w.kernel.retrace)
-    lowered = stage("fuse, stabilize, differentiate", lambda: compiler.lower(w.kernel, w.wrt))
-    rendered = stage("schedule, CSE, render C", lambda: codegen.render([lowered.spec], lowered.spec.name))
-    stage("build", lambda: build.build_module(rendered.translation_unit(), rendered.cdef, name=lowered.spec.name))
+    lowered = stage("fuse, stabilize, differentiate", lambda: compiler.lower(w.kernel, w.wrt, first_only=True))
+    stage("schedule, CSE, render C, build", lambda: compiler.compile_many([lowered], lowered.spec.name))
     return {label: {"wall_s": wall, "cpu_s": cpu} for label, (wall, cpu) in stages.items()}
 
 
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
-    probes = {"compile": lambda: probe_compile(rest[0], rest[1:]), "stages": lambda: probe_stages(rest[0], rest[1:])}
+    probes = {
+        "compile": lambda: probe_compile(rest[0], rest[1:]),
+        "stages": lambda: probe_stages(rest[0], rest[1:]),
+        "templates": probe_templates,
+    }
     result = probes[mode]() if mode in probes else probe_package(*rest)
     print(json.dumps(result))

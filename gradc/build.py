@@ -12,6 +12,7 @@ through a copy, a truncated file) is rebuilt, never loaded.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import importlib.machinery
@@ -110,7 +111,7 @@ def cpu_identity() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def cache_key(source: str, cdef: str, cflags: Sequence[str], link_args: Sequence[str] = ()) -> str:
+def cache_key(source: str, cdef: str, cflags: Sequence[str], link_args: Sequence[str] = (), units: Sequence[str] = ()) -> str:
     """A hash of what selects the binary.  The compiler's version is checked against the
     entry's manifest instead, so that a cached kernel loads on a machine without a compiler."""
     import cffi
@@ -119,6 +120,8 @@ def cache_key(source: str, cdef: str, cflags: Sequence[str], link_args: Sequence
     for part in (
         source,
         cdef,
+        str(len(units)),
+        *units,
         " ".join(cflags),
         " ".join(link_args),
         sys.implementation.cache_tag or "",
@@ -168,65 +171,106 @@ def openmp_supported(cc: str) -> bool:
             return False
 
 
-def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], link_args: Sequence[str], workdir: Path) -> Path:
+def compile_jobs() -> int:
+    """How many C compilers a build runs at once: ``$GRADC_JOBS``, else the CPUs this process may use."""
+    env = os.environ.get("GRADC_JOBS")
+    if env is not None:
+        try:
+            jobs = int(env)
+        except ValueError:
+            jobs = 0
+        if jobs < 1:
+            raise BuildError(f"GRADC_JOBS must be a whole number of C compilers to run at once, 1 or more; it is {env!r}")
+        return jobs
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _run(command: list[str], workdir: Path) -> tuple[bool, str]:
+    """Run one compiler command: whether it failed, and what it printed."""
+    try:
+        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+        return result.returncode != 0, (result.stdout + result.stderr).strip()
+    except OSError as exc:  # the compiler vanished, or cannot be run
+        return True, str(exc)
+
+
+def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], link_args: Sequence[str], workdir: Path, units: Sequence[str] = ()) -> Path:
+    """Build the extension: cffi's unit (``source`` and the Python glue) and each of ``units``
+    compiled side by side, one compiler per CPU, then linked into one shared object."""
     import cffi
     from cffi.recompiler import make_c_source
 
     from . import pycall
 
-    # The options cffi's set_source would pass to setuptools; _commands passes them to the compiler.
+    # The options cffi's set_source would pass to setuptools; _compile_command passes them to the compiler.
     options = {"extra_compile_args": list(cflags), "extra_link_args": list(link_args), **pycall.build_options()}
     ffi = cffi.FFI()
     ffi.cdef(cdef)
-    c_file = workdir / f"{module_name}.c"
-    make_c_source(ffi, module_name, source, str(c_file), verbose=False)
+    c_files = [workdir / f"{module_name}.c"]
+    make_c_source(ffi, module_name, source, str(c_files[0]), verbose=False)
+    for i, unit in enumerate(units):
+        c_files.append(workdir / f"{module_name}_{i}.c")
+        c_files[-1].write_text(unit)
     so = workdir / f"{module_name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
-    for command in _commands(c_file, so, options):
-        try:
-            result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-            failed, detail = result.returncode != 0, (result.stdout + result.stderr).strip()
-        except OSError as exc:  # the compiler vanished, or cannot be run
-            failed, detail = True, str(exc)
-        if failed:
-            detail = detail or f"{command[0]} failed without a message"
-            if OPENMP_FLAGS[0] in cflags and not openmp_supported(_compiler()):
-                raise BuildError(
-                    f"the C compiler {_compiler()!r} does not support OpenMP ({' '.join(OPENMP_FLAGS)}), which a kernel "
-                    f"compiled with threads > 1 needs: install its OpenMP runtime (libgomp for gcc, libomp for clang), "
-                    f"set CC to a compiler with OpenMP, or compile with threads=1"
-                ) from None
-            raise BuildError(f"the C compiler failed to build {module_name} with flags {' '.join(cflags)!r}:\n{detail}") from None
+    objects = [c.with_suffix(".o") for c in c_files]
+    commands = [_compile_command(c, o, options) for c, o in zip(c_files, objects)]
+    # The longest files first, so that no long compile starts last.
+    order = sorted(range(len(commands)), key=lambda i: -c_files[i].stat().st_size)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(compile_jobs(), len(commands))) as pool:
+        outcomes = dict(zip(order, pool.map(lambda i: _run(commands[i], workdir), order)))
+    for i, c_file in enumerate(c_files):
+        _check(outcomes[i], f"{module_name} (compiling {c_file.name})", cflags)
+    _check(_run(_link_command(objects, so, options), workdir), f"{module_name} (linking)", cflags)
     return so
 
 
-#: What :func:`_commands` understands of cffi's ``set_source`` options (setuptools' Extension's).
+def _check(outcome: tuple[bool, str], what: str, cflags: Sequence[str]) -> None:
+    """Raise a BuildError for a failed compiler command (see :func:`_run`)."""
+    failed, detail = outcome
+    if not failed:
+        return
+    if OPENMP_FLAGS[0] in cflags and not openmp_supported(_compiler()):
+        raise BuildError(
+            f"the C compiler {_compiler()!r} does not support OpenMP ({' '.join(OPENMP_FLAGS)}), which a kernel "
+            f"compiled with threads > 1 needs: install its OpenMP runtime (libgomp for gcc, libomp for clang), "
+            f"set CC to a compiler with OpenMP, or compile with threads=1"
+        )
+    detail = detail or f"{_compiler().split()[0]} failed without a message"
+    raise BuildError(f"the C compiler failed to build {what} with flags {' '.join(cflags)!r}:\n{detail}")
+
+
+#: What :func:`_compile_command` understands of cffi's ``set_source`` options (setuptools' Extension's).
 _OPTIONS = {"extra_compile_args", "extra_link_args", "include_dirs", "define_macros", "library_dirs", "libraries", "py_limited_api"}
 
 
-def _commands(c_file: Path, so: Path, options: dict) -> list[list[str]]:
-    """The compile and link command lines for a CPython extension, as setuptools would run them
+def _compile_command(c_file: Path, obj: Path, options: dict) -> list[str]:
+    """The command that compiles one C file of a CPython extension, as setuptools would run it
     but without it: importing setuptools and going through distutils costs a few tenths of a
     second per build.  Python's own debugging and warning flags (``-g``, ``-Wall``) are left
     out; they make the compiler slower and the kernels no faster."""
     unknown = set(options) - _OPTIONS
     if unknown:
         raise BuildError(f"gradc cannot pass the extension option(s) {', '.join(sorted(unknown))} to the C compiler")
-    cc = _compiler().split()
     includes = dict.fromkeys([sysconfig.get_paths()["include"], sysconfig.get_paths()["platinclude"], *options.get("include_dirs", ())])
     macros = [f"-D{name}" if value is None else f"-D{name}={value}" for name, value in options.get("define_macros", ())]
-    obj = so.with_suffix(".o")
     pic = (sysconfig.get_config_var("CCSHARED") or "-fPIC").split()
+    return [
+        *_compiler().split(), *pic, "-DNDEBUG", "-fwrapv", *macros, *(f"-I{d}" for d in includes), "-c", str(c_file),
+        "-o", str(obj), *options.get("extra_compile_args", ()),
+    ]  # fmt: skip
+
+
+def _link_command(objects: Sequence[Path], so: Path, options: dict) -> list[str]:
+    """The command that links compiled objects into a loadable extension."""
     # LDSHARED is Python's own compiler and the flags that make a loadable extension on this platform.
     shared = (sysconfig.get_config_var("LDSHARED") or "cc -shared").split()[1:]
-    compile_cmd = [
-        *cc, *pic, "-DNDEBUG", "-fwrapv", *macros, *(f"-I{d}" for d in includes), "-c", str(c_file), "-o", str(obj),
-        *options.get("extra_compile_args", ()),
-    ]  # fmt: skip
-    link = [
-        *cc, *shared, str(obj), "-o", str(so), *(f"-L{d}" for d in options.get("library_dirs", ())),
+    return [
+        *_compiler().split(), *shared, *map(str, objects), "-o", str(so), *(f"-L{d}" for d in options.get("library_dirs", ())),
         *(f"-l{lib}" for lib in options.get("libraries", ())), *options.get("extra_link_args", ()),
     ]  # fmt: skip
-    return [compile_cmd, link]
 
 
 def _publish(staging: Path, entry: Path, compiler: str) -> None:
@@ -263,10 +307,13 @@ def _load(so: Path, module_name: str):
     return module
 
 
-def build_module(source: str, cdef: str, *, name: str, cflags: Sequence[str] | None = None, link_args: Sequence[str] = ()) -> Built:
-    """Compile ``source`` (declaring ``cdef`` to cffi) and link it with ``link_args``, or load it from the cache."""
+def build_module(
+    source: str, cdef: str, *, name: str, cflags: Sequence[str] | None = None, link_args: Sequence[str] = (), units: Sequence[str] = ()
+) -> Built:
+    """Compile ``source`` (declaring ``cdef`` to cffi) with the C files ``units`` beside it and
+    link them with ``link_args``, or load the extension from the cache."""
     flags = list(cflags) if cflags is not None else default_cflags()
-    key = cache_key(source, cdef, flags, link_args)
+    key = cache_key(source, cdef, flags, link_args, units)
     module_name = f"_gradc_{name}_{key}"
     root = cache_dir()
     entry = root / module_name
@@ -284,11 +331,14 @@ def build_module(source: str, cdef: str, *, name: str, cflags: Sequence[str] | N
         try:
             work = staging / "work"
             work.mkdir()
-            built = _compile(source, cdef, module_name, flags, link_args, work)
+            built = _compile(source, cdef, module_name, flags, link_args, work, units)
             final = staging / built.name
             shutil.move(str(built), final)
             shutil.rmtree(work)
+            # What was compiled, for whoever looks inside the cache.
             (staging / f"{name}.c").write_text(source)
+            for i, unit in enumerate(units):
+                (staging / f"{name}_{i}.c").write_text(unit)
             manifest = {"extension": final.name, "sha256": _sha256(final), "compiler": compiler, "cflags": flags, "link_args": list(link_args), "gradc": __version__}
             (staging / MANIFEST).write_text(json.dumps(manifest))
             _publish(staging, entry, compiler)

@@ -190,10 +190,10 @@ class Rendered:
     header: str
     cdef: str
     functions: dict[str, list[Function]]  # kernel name -> its lowered entry points
-
-    def translation_unit(self) -> str:
-        """The ``.c`` with its header pasted in, for building without files beside it."""
-        return self.c_source.replace(f'#include "{self.module}.h"', self.header, 1)
+    #: The same functions as ``c_source``, one entry point per translation unit with the header
+    #: pasted in (the workspace sizes go with the first), so that the build can run one C
+    #: compiler per unit side by side and needs no files beside them.
+    units: tuple[str, ...] = ()
 
 
 class Names:
@@ -548,13 +548,16 @@ class FunctionLowering:
         var_syms = [sp.Symbol(v, integer=True) for v in loop_vars]
         out_idx = self.linear(node.shape, node.out_index, var_syms)
         names = {k: local.take(k) for k in ("tile", "wide", "row0", "col0", "row_full", "col_full", "gi", "gj", "blk", "blk_end", "acc")}
-        blocked = node.reduce == "sum"
+        dots = plan.kind == "dots"
+        # A sum over one fixed extent of at most one block is one block: its double tile would
+        # add a single partial sum, the same bits, in more code for the C compiler.
+        single_block = len(reds) == 1 and node.loop[reds[0]].is_Integer and int(node.loop[reds[0]]) <= schedule.BLOCK
+        blocked = node.reduce == "sum" and (dots or not single_block)
         acc_type = "double" if node.reduce == "sum" else self.ctype
         held = names["wide"] if blocked else names["tile"]
         cast = f"({self.ctype})" if blocked else ""
         cell = f"[{names['gi']}][{names['gj']}]"
         acc_cast = f"({self.ctype})" if acc_type != self.ctype else ""
-        dots = plan.kind == "dots"
         extra = {}
         if dots:
             lanes = _fit(schedule.LANES if self.ctype == "float" else schedule.LANES // 2, node.loop[reds[-1]])
@@ -734,24 +737,35 @@ def render(specs: Sequence[KernelSpec], module: str, *, prefix: str = "") -> Ren
             }
         )
     guard = re.sub(r"\W", "_", prefix + module).upper() + "_H"
-    uses_workspace = any(f.workspace_terms for fns in functions.values() for f in fns)
-    used = set().union(*(f.helpers for fns in functions.values() for f in fns))
-    helpers = [h.removeprefix("gradc_") for h in VECTOR_MATH_ORDER if h in used]
-    blas_ctypes = sorted({k["ctype"] for k in kernels if any(n.gemm for f in k["functions"] for n in f.nests)})
-    ctx = {
-        "module": module,
-        "version": __version__,
-        "kernels": kernels,
-        "guard": guard,
-        "uses_workspace": uses_workspace,
-        "helpers": helpers,
-        "threads": max((spec.threads for spec in specs), default=1),
-        "blas_ctypes": blas_ctypes,
-        "min_work": blas.MIN_WORK,
-    }
-    c_source = template("kernel.c.j2").render(**ctx)
+    every = [f for fns in functions.values() for f in fns]
+    bodies = {f.name: template("function.c.j2").render(f=f) for f in every}
+    threads = max((spec.threads for spec in specs), default=1)
+
+    def c_file(selected: Sequence[Function], sizes: bool) -> str:
+        """A .c file of the ``selected`` functions (and, with ``sizes``, every *_workspace_size),
+        with only the helpers, declarations and BLAS glue those need."""
+        names = {f.name for f in selected}
+        used = set().union(*(f.helpers for f in selected))
+        return template("kernel.c.j2").render(
+            module=module,
+            version=__version__,
+            kernels=[{**k, "bodies": [bodies[f.name] for f in k["functions"] if f.name in names]} for k in kernels],
+            sizes=sizes,
+            uses_workspace=any(f.workspace_terms for f in (every if sizes else selected)),
+            helpers=[h.removeprefix("gradc_") for h in VECTOR_MATH_ORDER if h in used],
+            threads=threads,
+            blas_ctypes=sorted({k["ctype"] for k in kernels for f in k["functions"] if f.name in names and any(n.gemm for n in f.nests)}),
+            min_work=blas.MIN_WORK,
+        )
+
+    def pasted(c: str) -> str:
+        return c.replace(f'#include "{module}.h"', header, 1)
+
+    ctx = {"module": module, "version": __version__, "kernels": kernels, "guard": guard, "threads": threads}
+    c_source = c_file(every, sizes=True)
     header = template("kernel.h.j2").render(**ctx)
     cdef = "\n".join(
         line for line in template("cdef.h.j2").render(**ctx).splitlines() if line.strip()
     )
-    return Rendered(module, c_source, header, cdef, functions)
+    units = tuple(pasted(c_file([f], sizes=i == 0)) for i, f in enumerate(every))
+    return Rendered(module, c_source, header, cdef, functions, units)

@@ -29,8 +29,8 @@ DTYPES = ("f32", "f64")
 class Lowered:
     """A kernel ready for code generation, plus what the runtime needs to call it."""
 
-    spec: codegen.KernelSpec
-    meta: dict
+    spec: codegen.KernelSpec  # with the entry points that were asked for
+    meta: dict  # with every entry point the kernel has
     traced: Traced
 
 
@@ -99,6 +99,7 @@ def lower(
     backend: str = "c",
     threads: int | None = None,
     progress: Progress = _quiet,
+    first_only: bool = False,
 ) -> Lowered:
     """Trace ``k`` and build its entry points (forward, value_and_grad, vjp, jvp, hvp) as fused graphs.
 
@@ -107,7 +108,9 @@ def lower(
     (the default) the stability rewrites of :mod:`gradc.stability` run on the fused forward
     graph before it is differentiated.  ``backend="blas"`` lets large matrix products call the
     BLAS (:mod:`gradc.blas`).  ``threads=N`` (N > 1) shares large loops between N OpenMP
-    threads.  ``progress(stage)`` is called as each stage starts.
+    threads.  ``progress(stage)`` is called as each stage starts.  With ``first_only``, only the
+    entry points :func:`compile` builds at once are differentiated (see :func:`_first_entries`);
+    ``meta["entries"]`` still names them all.
     """
     threads = _thread_count(threads)
     if backend not in blas.BACKENDS:
@@ -144,32 +147,38 @@ def lower(
         return codegen.Entry(suffix, inputs, list(zip(names, final)), doc)
 
     call = f"{k.name}({sig})"
-    entries = [entry("forward", params, out_names, outs, f"{', '.join(out_names)} = {call}")]
     scalar = n_out == 1 and graph.outputs[0].rank == 0
+    suffixes = ["forward"]
+    if wrt_names:
+        suffixes += ["value_and_grad", "vjp", "jvp", "hvp"] if scalar else ["vjp", "jvp"]
+    wanted = _first_entries(suffixes) if first_only else suffixes
+    entries = [entry("forward", params, out_names, outs, f"{', '.join(out_names)} = {call}")]
     if wrt_names:
         progress("differentiating")
         wrt_nodes = [by_name[w] for w in wrt_names]
         grad_names = [f"d_{w}" for w in wrt_names]
-        if scalar:
+        if "value_and_grad" in wanted:
             grads = autodiff.vjp(outs, [ir.constant(1)], wrt_nodes)
             what = f"{out_names[0]} = {call} and its gradients " + ", ".join(f"d_{w} = d{out_names[0]}/d{w}" for w in wrt_names)
             entries.append(entry("value_and_grad", params, out_names + grad_names, outs + grads, what))
-        cotangents = [ir.Input(f"ct_{n}", o.shape) for n, o in zip(out_names, graph.outputs)]
-        grads = autodiff.vjp(outs, cotangents, wrt_nodes)
-        what = (
-            f"{', '.join(out_names)} = {call} and the vector-Jacobian products {', '.join(grad_names)}:\n"
-            f"d_w = sum over every element e of every output o of ct_o[e] * do[e]/dw, for w in {', '.join(wrt_names)}"
-        )
-        entries.append(entry("vjp", params + cotangents, out_names + grad_names, outs + grads, what))
-        progress("differentiating in forward mode")
-        tangents = [ir.Input(f"t_{w.param}", w.shape) for w in wrt_nodes]
-        out_tangents = autodiff.jvp(outs, wrt_nodes, tangents)
-        what = (
-            f"{', '.join(out_names)} = {call} and the Jacobian-vector products (forward mode)\n"
-            f"t_out = sum over w in {', '.join(wrt_names)} of dout/dw * t_w"
-        )
-        entries.append(entry("jvp", params + tangents, out_names + [f"t_{n}" for n in out_names], outs + out_tangents, what))
-        if scalar:
+        if "vjp" in wanted:
+            cotangents = [ir.Input(f"ct_{n}", o.shape) for n, o in zip(out_names, graph.outputs)]
+            grads = autodiff.vjp(outs, cotangents, wrt_nodes)
+            what = (
+                f"{', '.join(out_names)} = {call} and the vector-Jacobian products {', '.join(grad_names)}:\n"
+                f"d_w = sum over every element e of every output o of ct_o[e] * do[e]/dw, for w in {', '.join(wrt_names)}"
+            )
+            entries.append(entry("vjp", params + cotangents, out_names + grad_names, outs + grads, what))
+        if "jvp" in wanted:
+            progress("differentiating in forward mode")
+            tangents = [ir.Input(f"t_{w.param}", w.shape) for w in wrt_nodes]
+            out_tangents = autodiff.jvp(outs, wrt_nodes, tangents)
+            what = (
+                f"{', '.join(out_names)} = {call} and the Jacobian-vector products (forward mode)\n"
+                f"t_out = sum over w in {', '.join(wrt_names)} of dout/dw * t_w"
+            )
+            entries.append(entry("jvp", params + tangents, out_names + [f"t_{n}" for n in out_names], outs + out_tangents, what))
+        if "hvp" in wanted:
             vs = [ir.Input(f"v_{w.param}", w.shape) for w in wrt_nodes]
             what = (
                 f"the Hessian-vector products hv_w = sum over u in {', '.join(wrt_names)} of "
@@ -203,7 +212,7 @@ def lower(
         "threads": threads,
         "rewrites": dict(fired),
         "wrt_single": single,
-        "entries": {e.suffix: f"{spec.name}_{e.suffix}" for e in entries},
+        "entries": {suffix: f"{spec.name}_{suffix}" for suffix in suffixes},
     }
     return Lowered(spec, meta, traced)
 
@@ -239,10 +248,11 @@ def _work(nodes: Sequence[ir.Node]) -> tuple[int, int]:
 FIRST_ENTRIES = ("forward", "value_and_grad")
 
 
-def _first_entries(lowered: Lowered) -> list[str]:
+def _first_entries(entries: Sequence[str]) -> list[str]:
+    """Which of a kernel's ``entries`` :func:`compile` builds at once."""
     # A kernel without value_and_grad (outputs that are not one scalar) is differentiated by vjp.
-    wanted = FIRST_ENTRIES if "value_and_grad" in lowered.meta["entries"] else ("forward", "vjp")
-    return [e for e in lowered.meta["entries"] if e in wanted]
+    wanted = FIRST_ENTRIES if "value_and_grad" in entries else ("forward", "vjp")
+    return [e for e in entries if e in wanted]
 
 
 def compile_many(
@@ -271,13 +281,14 @@ def compile_many(
         flags += build.OPENMP_FLAGS
         link_args += build.OPENMP_FLAGS
     progress("building with the C compiler (or loading from the cache)")
-    # The extension also gets the direct calls from Python; the exported C never does.
-    source, cdef = rendered.translation_unit(), rendered.cdef
+    # cffi's unit declares the kernels (they are compiled in units of their own), and gets
+    # the direct calls from Python; the exported C never does.
+    source, cdef = rendered.header, rendered.cdef
     if entries is None or "forward" in entries:
         kernels = [(spec, l.meta) for spec, l in zip(specs, lowered)]
         source += pycall.render(kernels, module)
         cdef += "\n" + pycall.cdef(kernels)
-    built = build.build_module(source, cdef, name=module, cflags=flags, link_args=link_args)
+    built = build.build_module(source, cdef, name=module, cflags=flags, link_args=link_args, units=rendered.units)
     return rendered, built
 
 
@@ -290,17 +301,18 @@ _traced_under: "weakref.WeakKeyDictionary[Kernel, str]" = weakref.WeakKeyDiction
 
 class _Compiled(CompiledKernel):
     """A kernel from :func:`compile`.  Its extension holds :data:`FIRST_ENTRIES`; the other
-    entry points are built on first use.  It keeps the compiler's intermediate results for
-    the views of :meth:`show`; a kernel loaded through the cache's index has none, and they are
-    computed (traced, lowered, rendered; nothing is built) on first use."""
+    entry points are built on first use.  The compiler's intermediate results with every entry
+    point (for them, and for the views of :meth:`show`) are computed again on first use: the
+    build differentiated only the first entry points, and a kernel loaded through the cache's
+    index was not even traced."""
 
-    def __init__(self, meta: dict, built, *, kernel: Kernel, options: dict, cflags, lowered: Lowered | None = None):
+    def __init__(self, meta: dict, built, *, kernel: Kernel, options: dict, cflags):
         super().__init__(meta, built.ffi, built.lib, rest=self._build_rest)
         self.kernel = kernel
         self.module_name = built.module_name
         self._options = options
         self._cflags = cflags
-        self._lowered = lowered
+        self._lowered: Lowered | None = None
         self._rendered: codegen.Rendered | None = None
 
     @property
@@ -325,8 +337,8 @@ class _Compiled(CompiledKernel):
         return self.rendered.header
 
     def _build_rest(self):
-        first = _first_entries(self.lowered)
-        rest = [e for e in self.lowered.meta["entries"] if e not in first]
+        first = _first_entries(self.meta["entries"])
+        rest = [e for e in self.meta["entries"] if e not in first]
         _, built = compile_many([self.lowered], self.lowered.spec.name, cflags=self._cflags, entries=rest)
         return built.ffi, built.lib
 
@@ -353,9 +365,9 @@ def _load_indexed(k: Kernel, key: str, options: dict, cflags: Sequence[str] | No
 
 def _compile_traced(k: Kernel, options: dict, cflags: Sequence[str] | None) -> _Compiled:
     """The full path: trace (or reuse ``k``'s trace), differentiate, render, build or load by C source."""
-    lowered = lower(k, **options)
-    _, built = compile_many([lowered], lowered.spec.name, cflags=cflags, entries=_first_entries(lowered))
-    return _Compiled(lowered.meta, built, kernel=k, options=options, cflags=cflags, lowered=lowered)
+    lowered = lower(k, **options, first_only=True)
+    _, built = compile_many([lowered], lowered.spec.name, cflags=cflags)
+    return _Compiled(lowered.meta, built, kernel=k, options=options, cflags=cflags)
 
 
 def compile(

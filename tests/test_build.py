@@ -1,5 +1,7 @@
 """Building an extension by running the C compiler directly (no setuptools)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -49,8 +51,48 @@ def test_the_commands_pass_every_extension_option(tmp_path):
         "libraries": ["m"],
         "py_limited_api": False,
     }
-    compile_cmd, link = build._commands(tmp_path / "m.c", tmp_path / "m.so", options)
-    assert {"-O1", "-I/opt/include", "-DA", "-DB=2", "-c", str(tmp_path / "m.c")} <= set(compile_cmd)
-    assert {"-Wl,--as-needed", "-L/opt/lib", "-lm", str(tmp_path / "m.o"), str(tmp_path / "m.so")} <= set(link)
+    compile_cmd = build._compile_command(tmp_path / "m.c", tmp_path / "m.o", options)
+    link = build._link_command([tmp_path / "m.o", tmp_path / "m_0.o"], tmp_path / "m.so", options)
+    assert {"-O1", "-I/opt/include", "-DA", "-DB=2", "-c", str(tmp_path / "m.c"), str(tmp_path / "m.o")} <= set(compile_cmd)
+    assert {"-Wl,--as-needed", "-L/opt/lib", "-lm", str(tmp_path / "m.o"), str(tmp_path / "m_0.o"), str(tmp_path / "m.so")} <= set(link)
     with pytest.raises(build.BuildError, match="sources"):
-        build._commands(tmp_path / "m.c", tmp_path / "m.so", {"sources": ["other.c"]})
+        build._compile_command(tmp_path / "m.c", tmp_path / "m.o", {"sources": ["other.c"]})
+
+
+# ----------------------------------------------------------------------------- units side by side
+def test_each_entry_point_is_a_unit_of_its_own_and_the_cache_keeps_them(private_cache):
+    k = gradc.compile(gradc.kernel(squares.fn))
+    value, (dx,) = k.value_and_grad(np.array([3.0, 4.0]))
+    assert value == 25.0 and list(dx) == [6.0, 8.0]
+    (entry,) = [p for p in private_cache.iterdir() if p.name.startswith("_gradc_")]
+    units = sorted(p.name for p in entry.glob("squares_*.c"))
+    assert units == ["squares_0.c", "squares_1.c"]  # forward (with the workspace sizes), value_and_grad
+
+    def defined(unit):
+        return set(re.findall(r"^(?:int|size_t) (\w+)\([^;{]*\)\s*\{", (entry / unit).read_text(), re.M))
+
+    assert defined("squares_0.c") == {"squares_workspace_size", "squares_forward"}
+    assert defined("squares_1.c") == {"squares_value_and_grad"}
+
+
+def test_one_compiler_at_a_time_builds_the_same_kernel(private_cache, monkeypatch):
+    monkeypatch.setenv("GRADC_JOBS", "1")
+    assert build.compile_jobs() == 1
+    k = gradc.compile(gradc.kernel(squares.fn))
+    assert k.value_and_grad(np.array([1.0, 2.0]))[0] == 5.0
+
+
+@pytest.mark.parametrize("jobs", ["0", "two", "-3"])
+def test_a_bad_job_count_says_what_it_must_be(monkeypatch, jobs):
+    monkeypatch.setenv("GRADC_JOBS", jobs)
+    with pytest.raises(build.BuildError, match=f"GRADC_JOBS must be a whole number.*{jobs!r}"):
+        build.compile_jobs()
+
+
+def test_a_failing_unit_is_named_and_nothing_is_cached(private_cache):
+    with pytest.raises(build.BuildError) as err:
+        build.build_module("int ok(void) { return 1; }", "int ok(void);", name="broken", units=["int ok2(void) { return }"])
+    message = str(err.value)
+    assert "broken" in message and "compiling" in message and "_0.c" in message
+    assert "expected" in message  # the compiler's own words
+    assert not [p for p in private_cache.iterdir() if p.name.startswith(("_gradc_", "."))]

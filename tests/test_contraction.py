@@ -33,6 +33,12 @@ def narrow(X: f32["N", "K"], W: f32["K", 10]):
 
 
 @gradc.kernel
+def short_sum(X: f32["N", 200], W: f32[200, "M"]):
+    # a fixed reduction of one sum block: one float tile, no double tile
+    return X @ W
+
+
+@gradc.kernel
 def batched(X: f32["S", "N", "K"], W: f32["S", "K", "M"]):
     # the batch is an outer loop: the panels are refilled for each of its items
     return X @ W
@@ -75,6 +81,7 @@ def kernels():
         np.float64: gradc.compile(matmul, dtype="f64"),
         "loss": gradc.compile(layer_loss),
         "narrow": gradc.compile(narrow),
+        "short": gradc.compile(short_sum),
         "batched": gradc.compile(batched),
     }
 
@@ -135,6 +142,19 @@ def test_batched_products_refill_their_panels(kernels, s, n, k, m):
     check("X @ W", out, X @ W, aX @ aW, 2e-6)
     check("G @ W.T", d_X, G @ T(W), aG @ T(aW), 2e-6)
     check("X.T @ G", d_W, T(X) @ G, T(aX) @ aG, 2e-6)
+
+
+@pytest.mark.parametrize("n, m", [(1, 1), (R + 3, C + 5), (3 * R, 2 * C)])
+def test_a_fixed_sum_of_one_block_gives_the_bits_of_the_blocked_sum(kernels, n, m):
+    # The blocked code adds the block's float tile into a double and rounds it back: the same
+    # number. So the kernel with a named K (blocked) and with K = 200 (not) agree bit for bit.
+    rng = np.random.default_rng(n * m)
+    X, W, G = inputs(rng, np.float32, (n, 200), (200, m), (n, m))
+    short, named = kernels["short"].vjp(X, W, G), kernels[np.float32].vjp(X, W, G)
+    np.testing.assert_array_equal(short[0], named[0])
+    np.testing.assert_array_equal(short[1][0], named[1][0])  # G·Wᵀ, a sum over M: blocked in both
+    np.testing.assert_array_equal(short[1][1], named[1][1])
+    assert "double wide" not in kernels["short"].c_source.split("_vjp(")[0]  # the forward
 
 
 def test_same_inputs_same_bits(kernels):

@@ -93,68 +93,52 @@ int gradient_penalty_forward(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][3];
-                double wide[8][3];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][3];
-                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -215,66 +199,50 @@ int gradient_penalty_forward(
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -404,68 +372,52 @@ int gradient_penalty_value_and_grad(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][3];
-                double wide[8][3];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][3];
-                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -526,66 +478,50 @@ int gradient_penalty_value_and_grad(
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -700,68 +636,52 @@ int gradient_penalty_value_and_grad(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][4];
-                double wide[8][4];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = panel[4*k + gj];
-                                const float term_d_input = Wt_kj*d_matmul_ik;
-                                tile[gi][gj] += term_d_input;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float d_matmul_ik = d_matmul[3*i + k];
+                            const float Wt_kj = panel[4*k + gj];
+                            const float term_d_input = Wt_kj*d_matmul_ik;
+                            tile[gi][gj] += term_d_input;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_input[4*i + j] = (float)wide[gi][gj];
+                        d_input[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = panel[4*k + gj];
-                                const float term_d_input = Wt_kj*d_matmul_ik;
-                                tile[gi][gj] += term_d_input;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float d_matmul_ik = d_matmul[3*i + k];
+                            const float Wt_kj = panel[4*k + gj];
+                            const float term_d_input = Wt_kj*d_matmul_ik;
+                            tile[gi][gj] += term_d_input;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_input[4*i + j] = (float)wide[gi][gj];
+                        d_input[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -1076,68 +996,52 @@ int gradient_penalty_vjp(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][3];
-                double wide[8][3];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][3];
-                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -1198,66 +1102,50 @@ int gradient_penalty_vjp(
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -1373,68 +1261,52 @@ int gradient_penalty_vjp(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][4];
-                double wide[8][4];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = panel[4*k + gj];
-                                const float term_d_input = Wt_kj*d_matmul_ik;
-                                tile[gi][gj] += term_d_input;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float d_matmul_ik = d_matmul[3*i + k];
+                            const float Wt_kj = panel[4*k + gj];
+                            const float term_d_input = Wt_kj*d_matmul_ik;
+                            tile[gi][gj] += term_d_input;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_input[4*i + j] = (float)wide[gi][gj];
+                        d_input[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = panel[4*k + gj];
-                                const float term_d_input = Wt_kj*d_matmul_ik;
-                                tile[gi][gj] += term_d_input;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float d_matmul_ik = d_matmul[3*i + k];
+                            const float Wt_kj = panel[4*k + gj];
+                            const float term_d_input = Wt_kj*d_matmul_ik;
+                            tile[gi][gj] += term_d_input;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_input[4*i + j] = (float)wide[gi][gj];
+                        d_input[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -1751,68 +1623,52 @@ int gradient_penalty_jvp(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][3];
-                double wide[8][3];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][3];
-                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -1873,66 +1729,50 @@ int gradient_penalty_jvp(
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -2032,72 +1872,56 @@ int gradient_penalty_jvp(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][3];
-                double wide[8][3];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float t_input_ik = t_input[4*i + k];
-                                const float t_Wt_jk = panel_1[3*k + gj];
-                                const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
-                                tile[gi][gj] += term_t_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float t_input_ik = t_input[4*i + k];
+                            const float t_Wt_jk = panel_1[3*k + gj];
+                            const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
+                            tile[gi][gj] += term_t_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        t_matmul[3*i + j] = (float)wide[gi][gj];
+                        t_matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][3];
-                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float t_input_ik = t_input[4*i + k];
-                                const float t_Wt_jk = panel_1[3*k + gj];
-                                const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
-                                tile[gi][gj] += term_t_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float t_input_ik = t_input[4*i + k];
+                            const float t_Wt_jk = panel_1[3*k + gj];
+                            const float term_t_matmul = Wt_jk*t_input_ik + input_ik*t_Wt_jk;
+                            tile[gi][gj] += term_t_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        t_matmul[3*i + j] = (float)wide[gi][gj];
+                        t_matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -2168,66 +1992,50 @@ int gradient_penalty_jvp(
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float t_Wt_kj = t_Wt[j + 4*k];
-                                const float term_t_d_x = t_Wt_kj;
-                                tile[gi][gj] += term_t_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float t_Wt_kj = t_Wt[j + 4*k];
+                            const float term_t_d_x = t_Wt_kj;
+                            tile[gi][gj] += term_t_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        t_d_x[4*i + j] = (float)wide[gi][gj];
+                        t_d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float t_Wt_kj = t_Wt[j + 4*k];
-                                const float term_t_d_x = t_Wt_kj;
-                                tile[gi][gj] += term_t_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float t_Wt_kj = t_Wt[j + 4*k];
+                            const float term_t_d_x = t_Wt_kj;
+                            tile[gi][gj] += term_t_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        t_d_x[4*i + j] = (float)wide[gi][gj];
+                        t_d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -2375,68 +2183,52 @@ int gradient_penalty_hvp(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][3];
-                double wide[8][3];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][3];
-                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float term_matmul = Wt_jk*input_ik;
-                                tile[gi][gj] += term_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float term_matmul = Wt_jk*input_ik;
+                            tile[gi][gj] += term_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        matmul[3*i + j] = (float)wide[gi][gj];
+                        matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -2481,72 +2273,56 @@ int gradient_penalty_hvp(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][3];
-                double wide[8][3];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float v_input_ik = v_input[4*i + k];
-                                const float v_Wt_jk = panel_1[3*k + gj];
-                                const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
-                                tile[gi][gj] += term_t_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float v_input_ik = v_input[4*i + k];
+                            const float v_Wt_jk = panel_1[3*k + gj];
+                            const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
+                            tile[gi][gj] += term_t_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        t_matmul[3*i + j] = (float)wide[gi][gj];
+                        t_matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][3];
-                double wide[1][3];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 3; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 4; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 4 ? blk + 256 : 4;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 3; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float input_ik = input[4*i + k];
-                                const float Wt_jk = panel[3*k + gj];
-                                const float v_input_ik = v_input[4*i + k];
-                                const float v_Wt_jk = panel_1[3*k + gj];
-                                const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
-                                tile[gi][gj] += term_t_matmul;
-                            }
+                    for (int gj = 0; gj < 3; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 4; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 3; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float input_ik = input[4*i + k];
+                            const float Wt_jk = panel[3*k + gj];
+                            const float v_input_ik = v_input[4*i + k];
+                            const float v_Wt_jk = panel_1[3*k + gj];
+                            const float term_t_matmul = Wt_jk*v_input_ik + input_ik*v_Wt_jk;
+                            tile[gi][gj] += term_t_matmul;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 3; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 3; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        t_matmul[3*i + j] = (float)wide[gi][gj];
+                        t_matmul[3*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -2594,72 +2370,56 @@ int gradient_penalty_hvp(
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 float tile[8][4];
-                double wide[8][4];
                 for (int gi = 0; gi < 8; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 8; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = panel[4*k + gj];
-                                const float t_d_matmul_ik = t_d_matmul[3*i + k];
-                                const float v_Wt_kj = panel_1[4*k + gj];
-                                const float term_hv_input = Wt_kj*t_d_matmul_ik + d_matmul_ik*v_Wt_kj;
-                                tile[gi][gj] += term_hv_input;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float d_matmul_ik = d_matmul[3*i + k];
+                            const float Wt_kj = panel[4*k + gj];
+                            const float t_d_matmul_ik = t_d_matmul[3*i + k];
+                            const float v_Wt_kj = panel_1[4*k + gj];
+                            const float term_hv_input = Wt_kj*t_d_matmul_ik + d_matmul_ik*v_Wt_kj;
+                            tile[gi][gj] += term_hv_input;
                         }
                     }
-                    for (int gi = 0; gi < 8; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 8; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        hv_input[4*i + j] = (float)wide[gi][gj];
+                        hv_input[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < B; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                const ptrdiff_t j = col0 + gj;
-                                (void)j;
-                                const float d_matmul_ik = d_matmul[3*i + k];
-                                const float Wt_kj = panel[4*k + gj];
-                                const float t_d_matmul_ik = t_d_matmul[3*i + k];
-                                const float v_Wt_kj = panel_1[4*k + gj];
-                                const float term_hv_input = Wt_kj*t_d_matmul_ik + d_matmul_ik*v_Wt_kj;
-                                tile[gi][gj] += term_hv_input;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            const ptrdiff_t j = col0 + gj;
+                            (void)j;
+                            const float d_matmul_ik = d_matmul[3*i + k];
+                            const float Wt_kj = panel[4*k + gj];
+                            const float t_d_matmul_ik = t_d_matmul[3*i + k];
+                            const float v_Wt_kj = panel_1[4*k + gj];
+                            const float term_hv_input = Wt_kj*t_d_matmul_ik + d_matmul_ik*v_Wt_kj;
+                            tile[gi][gj] += term_hv_input;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        hv_input[4*i + j] = (float)wide[gi][gj];
+                        hv_input[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -2688,66 +2448,50 @@ int gradient_penalty_hvp(
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float Wt_kj = Wt[j + 4*k];
-                                const float term_d_x = Wt_kj;
-                                tile[gi][gj] += term_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float Wt_kj = Wt[j + 4*k];
+                            const float term_d_x = Wt_kj;
+                            tile[gi][gj] += term_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        d_x[4*i + j] = (float)wide[gi][gj];
+                        d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
@@ -2810,66 +2554,50 @@ int gradient_penalty_hvp(
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 4) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 1) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float v_Wt_kj = v_Wt[j + 4*k];
-                                const float term_t_d_x = v_Wt_kj;
-                                tile[gi][gj] += term_t_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float v_Wt_kj = v_Wt[j + 4*k];
+                            const float term_t_d_x = v_Wt_kj;
+                            tile[gi][gj] += term_t_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        t_d_x[4*i + j] = (float)wide[gi][gj];
+                        t_d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
             /* the rows left over at the bottom edge, in tiles of one row */
             for (ptrdiff_t row0 = row_full; row0 < 1; ++row0) {
                 float tile[1][4];
-                double wide[1][4];
                 for (int gi = 0; gi < 1; ++gi)
-                    for (int gj = 0; gj < 4; ++gj) wide[gi][gj] = 0;
-                for (ptrdiff_t blk = 0; blk < 3; blk += 256) {
-                    const ptrdiff_t blk_end = blk + 256 < 3 ? blk + 256 : 3;
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
-                    for (ptrdiff_t k = blk; k < blk_end; ++k) {
-                        for (int gi = 0; gi < 1; ++gi) {
-                            for (int gj = 0; gj < 4; ++gj) {
-                                const ptrdiff_t i = row0 + gi;
-                                (void)i;
-                                const ptrdiff_t j = col0 + gj;
-                                const float v_Wt_kj = v_Wt[j + 4*k];
-                                const float term_t_d_x = v_Wt_kj;
-                                tile[gi][gj] += term_t_d_x;
-                            }
+                    for (int gj = 0; gj < 4; ++gj) tile[gi][gj] = 0;
+                for (ptrdiff_t k = 0; k < 3; ++k) {
+                    for (int gi = 0; gi < 1; ++gi) {
+                        for (int gj = 0; gj < 4; ++gj) {
+                            const ptrdiff_t i = row0 + gi;
+                            (void)i;
+                            const ptrdiff_t j = col0 + gj;
+                            const float v_Wt_kj = v_Wt[j + 4*k];
+                            const float term_t_d_x = v_Wt_kj;
+                            tile[gi][gj] += term_t_d_x;
                         }
                     }
-                    for (int gi = 0; gi < 1; ++gi)
-                        for (int gj = 0; gj < 4; ++gj) wide[gi][gj] += tile[gi][gj];
                 }
                 for (int gi = 0; gi < 1; ++gi) {
                     for (int gj = 0; gj < 4; ++gj) {
                         const ptrdiff_t i = row0 + gi;
                         const ptrdiff_t j = col0 + gj;
-                        t_d_x[4*i + j] = (float)wide[gi][gj];
+                        t_d_x[4*i + j] = tile[gi][gj];
                     }
                 }
             }
