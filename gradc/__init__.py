@@ -5,74 +5,152 @@ it, differentiates it in reverse mode with SymPy, and emits readable, dependency
 that it builds into native kernels you can call on NumPy arrays.
 """
 
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import DimensionError, DTypeError, GradcError, ShapeError, TraceError, UnknownOpError
+
 __version__ = "0.1.0"
 
-from .dsl import (  # noqa: E402
-    Dim,
-    Tensor,
-    TensorType,
-    abs_ as abs,
-    arccos,
-    arcsin,
-    arctan,
-    broadcast_to,
-    concatenate,
-    cos,
-    cosh,
-    custom_gradient,
-    einsum,
-    exp,
-    expm1,
-    f32,
-    f64,
-    grad,
-    kernel,
-    log,
-    log1p,
-    logsumexp,
-    matmul,
-    max,
-    maximum,
-    mean,
-    min,
-    minimum,
-    negative,
-    reciprocal,
-    relu,
-    reshape,
-    sigmoid,
-    sign,
-    sin,
-    sinh,
-    softplus,
-    sqrt,
-    square,
-    stack,
-    stop_gradient,
-    sum,
-    tan,
-    tanh,
-    transpose,
-    value_and_grad,
-    where,
-)
-from .errors import DimensionError, DTypeError, GradcError, ShapeError, TraceError, UnknownOpError  # noqa: E402
-from .compiler import compile, hessian  # noqa: E402
-from .check import CheckResult, check_grad  # noqa: E402
-from .runtime import CompiledKernel  # noqa: E402
-from . import optim  # noqa: E402
+#: Where each public name lives, loaded on first use.  ``import gradc`` (and gradc's exception
+#: classes, which a package that ``gradc compile`` wrote raises) then costs no SymPy, Jinja or
+#: cffi import: the DSL loads with the first ``gradc.kernel`` or ``gradc.f32``, the compiler
+#: with the first ``gradc.compile``.
+_LAZY = {
+    "Dim": ("dsl", "Dim"),
+    "Tensor": ("dsl", "Tensor"),
+    "TensorType": ("dsl", "TensorType"),
+    "abs": ("dsl", "abs_"),
+    "arccos": ("dsl", "arccos"),
+    "arcsin": ("dsl", "arcsin"),
+    "arctan": ("dsl", "arctan"),
+    "broadcast_to": ("dsl", "broadcast_to"),
+    "concatenate": ("dsl", "concatenate"),
+    "cos": ("dsl", "cos"),
+    "cosh": ("dsl", "cosh"),
+    "custom_gradient": ("dsl", "custom_gradient"),
+    "einsum": ("dsl", "einsum"),
+    "exp": ("dsl", "exp"),
+    "expm1": ("dsl", "expm1"),
+    "f32": ("dsl", "f32"),
+    "f64": ("dsl", "f64"),
+    "grad": ("dsl", "grad"),
+    "kernel": ("dsl", "kernel"),
+    "log": ("dsl", "log"),
+    "log1p": ("dsl", "log1p"),
+    "logsumexp": ("dsl", "logsumexp"),
+    "matmul": ("dsl", "matmul"),
+    "max": ("dsl", "max"),
+    "maximum": ("dsl", "maximum"),
+    "mean": ("dsl", "mean"),
+    "min": ("dsl", "min"),
+    "minimum": ("dsl", "minimum"),
+    "negative": ("dsl", "negative"),
+    "reciprocal": ("dsl", "reciprocal"),
+    "relu": ("dsl", "relu"),
+    "reshape": ("dsl", "reshape"),
+    "sigmoid": ("dsl", "sigmoid"),
+    "sign": ("dsl", "sign"),
+    "sin": ("dsl", "sin"),
+    "sinh": ("dsl", "sinh"),
+    "softplus": ("dsl", "softplus"),
+    "sqrt": ("dsl", "sqrt"),
+    "square": ("dsl", "square"),
+    "stack": ("dsl", "stack"),
+    "stop_gradient": ("dsl", "stop_gradient"),
+    "sum": ("dsl", "sum"),
+    "tan": ("dsl", "tan"),
+    "tanh": ("dsl", "tanh"),
+    "transpose": ("dsl", "transpose"),
+    "value_and_grad": ("dsl", "value_and_grad"),
+    "where": ("dsl", "where"),
+    "compile": ("compiler", "compile"),
+    "hessian": ("compiler", "hessian"),
+    "CheckResult": ("check", "CheckResult"),
+    "check_grad": ("check", "check_grad"),
+    "CompiledKernel": ("runtime", "CompiledKernel"),
+    "optim": ("optim", None),
+}
+
+__all__ = ["DimensionError", "DTypeError", "GradcError", "ShapeError", "TraceError", "UnknownOpError", *_LAZY]
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from . import optim
+    from .check import CheckResult, check_grad
+    from .compiler import compile, hessian
+    from .dsl import (
+        Dim,
+        Tensor,
+        TensorType,
+        abs_ as abs,
+        arccos,
+        arcsin,
+        arctan,
+        broadcast_to,
+        concatenate,
+        cos,
+        cosh,
+        custom_gradient,
+        einsum,
+        exp,
+        expm1,
+        f32,
+        f64,
+        grad,
+        kernel,
+        log,
+        log1p,
+        logsumexp,
+        matmul,
+        max,
+        maximum,
+        mean,
+        min,
+        minimum,
+        negative,
+        reciprocal,
+        relu,
+        reshape,
+        sigmoid,
+        sign,
+        sin,
+        sinh,
+        softplus,
+        sqrt,
+        square,
+        stack,
+        stop_gradient,
+        sum,
+        tan,
+        tanh,
+        transpose,
+        value_and_grad,
+        where,
+    )
+    from .runtime import CompiledKernel
 
 
 def __getattr__(name: str):
+    where = _LAZY.get(name)
+    if where is not None:
+        module = importlib.import_module(f"{__name__}.{where[0]}")
+        value = module if where[1] is None else getattr(module, where[1])
+        globals()[name] = value
+        return value
     # A misspelt op inside a kernel must name the user's line (the CLI prints one line,
-    # not a traceback); dunder probes by tools stay plain AttributeErrors.
-    if name.startswith("__"):
+    # not a traceback).  Dunder probes by tools stay plain AttributeErrors, and so do gradc's
+    # modules not imported yet: `from . import ir` asks for the attribute before importing it.
+    if name.startswith("__") or (Path(__file__).parent / f"{name}.py").is_file():
         raise AttributeError(f"module 'gradc' has no attribute {name!r}")
     import difflib
 
     from .dsl import _error
 
-    public = [n for n in globals() if not n.startswith("_")]
-    close = difflib.get_close_matches(name, public, n=3, cutoff=0.7)
+    close = difflib.get_close_matches(name, __all__, n=3, cutoff=0.7)
     hint = f" (did you mean {', '.join('gradc.' + c for c in close)}?)" if close else ""
     raise _error(UnknownOpError, f"gradc has no function or attribute {name!r}{hint}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -217,7 +217,7 @@ def _gradc_exports() -> dict[int, tuple[str, object]]:
     """gradc's public objects that are not functions or types (``gradc.f32``), by identity."""
     import gradc
 
-    return {id(v): (f"gradc.{n}", v) for n, v in vars(gradc).items() if not n.startswith("_")}
+    return {id(v): (f"gradc.{n}", v) for n, v in ((n, getattr(gradc, n)) for n in gradc.__all__)}
 
 
 @functools.lru_cache(maxsize=None)

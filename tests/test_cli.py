@@ -270,6 +270,43 @@ def test_package_works_in_a_fresh_process_without_gradc(batch, work):
     assert out["modules"] == []
 
 
+WITH_GRADC_INSTALLED = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    sys.path.insert(0, sys.argv[1])
+
+    import numpy as np
+
+    import custom_layer
+
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("gradc", "sympy", "jinja2", "cffi"))
+    import gradc
+
+    try:
+        custom_layer.custom_layer(np.zeros((2, 4), np.float32), np.zeros((3, 2), np.float32))
+        caught = "nothing raised"
+    except gradc.ShapeError as exc:
+        caught = str(exc)
+    print(json.dumps({"modules": loaded, "caught": caught}))
+    """
+)
+
+
+def test_package_import_beside_gradc_loads_only_its_exceptions(batch, work):
+    # gradc's exception classes, so that `except gradc.ShapeError` catches the package's
+    # errors, but not the compiler: no SymPy, Jinja or cffi's compiler side.
+    assert batch["layer"].returncode == 0, batch["layer"].stderr
+    script = work / "with_gradc.py"
+    script.write_text(WITH_GRADC_INSTALLED)
+    result = subprocess.run([sys.executable, str(script), str(work / "layer")], capture_output=True, text=True, timeout=300, cwd=work)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["modules"] == ["gradc", "gradc.errors"]
+    assert "X" in out["caught"] and "(2, 4)" in out["caught"]
+
+
 def test_kernel_wrt_and_dtype_options(batch, work, import_package):
     result = batch["options"]
     assert result.returncode == 0, result.stderr
