@@ -78,9 +78,9 @@ def probe_package(folder: str, name: str, npz: str) -> dict:
 def probe_templates() -> dict:
     """Compile every template of gradc into the cache, as any compile does on first use."""
     t0 = time.perf_counter()
-    from gradc import codegen
+    from gradc import build, codegen
 
-    names = sorted(p.name for p in codegen.templates_dir().glob("*.j2"))
+    names = sorted(p.name for p in build.templates_dir().glob("*.j2"))
     for name in names:
         codegen.template(name)
     return {"templates": names, "seconds": _seconds(t0)}

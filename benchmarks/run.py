@@ -206,6 +206,8 @@ def probe(*argv: str, cache: Path, cpus: list[int] | None = None) -> dict:
     """Run ``compile_probe.py argv`` in a fresh process with ``cache`` as gradc's cache, on
     ``cpus`` (default: the CPUs this benchmark is pinned to)."""
     env = dict(os.environ, GRADC_CACHE_DIR=str(cache))
+    # Python's bytecode cache on, as after pip install (compile_times compiles gradc's modules).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     on_cpus = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     out = subprocess.run([sys.executable, str(HERE / "compile_probe.py"), *argv], env=env, capture_output=True, text=True, check=True, preexec_fn=on_cpus)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -220,7 +222,13 @@ def compile_times(workloads, workdir: Path, all_cpus: list[int]) -> dict:
     templates are compiled too, as on the first compile after installing.  The rest are loads:
     ``gradc.compile`` again with the kernel cached, and the package ``gradc compile`` writes.
     """
+    import compileall
+
     import numpy as np
+
+    import gradc
+
+    compileall.compile_dir(str(Path(gradc.__file__).parent), quiet=1)
 
     def primed_cache() -> Path:
         cache = Path(tempfile.mkdtemp(dir=workdir))

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 #: Where each public name lives, loaded on first use.  ``import gradc`` (and gradc's exception
 #: classes, which a package that ``gradc compile`` wrote raises) then costs no SymPy, Jinja or
-#: cffi import: the DSL loads with the first ``gradc.kernel`` or ``gradc.f32``, the compiler
-#: with the first ``gradc.compile``.
+#: cffi import: the DSL and the compiler load with the first ``gradc.kernel`` or ``gradc.f32``
+#: (code generation and Jinja only when a kernel is first lowered).
 _LAZY = {
     "Dim": ("dsl", "Dim"),
     "Tensor": ("dsl", "Tensor"),
@@ -135,6 +135,10 @@ def __getattr__(name: str):
     where = _LAZY.get(name)
     if where is not None:
         module = importlib.import_module(f"{__name__}.{where[0]}")
+        if where[0] == "dsl":
+            # Who writes a kernel compiles it: the compiler loads with the DSL, so that a warm
+            # gradc.compile (a few ms) does not pay for imports.
+            importlib.import_module(f"{__name__}.compiler")
         value = module if where[1] is None else getattr(module, where[1])
         globals()[name] = value
         return value

@@ -12,7 +12,6 @@ through a copy, a truncated file) is rebuilt, never loaded.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
 import importlib.machinery
@@ -200,6 +199,8 @@ def _run(command: list[str], workdir: Path) -> tuple[bool, str]:
 def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], link_args: Sequence[str], workdir: Path, units: Sequence[str] = ()) -> Path:
     """Build the extension: cffi's unit (``source`` and the Python glue) and each of ``units``
     compiled side by side, one compiler per CPU, then linked into one shared object."""
+    import concurrent.futures
+
     import cffi
     from cffi.recompiler import make_c_source
 
@@ -354,6 +355,15 @@ def build_module(
 # -- compiled templates ------------------------------------------------------------------------
 #: The folder, inside the cache folder, of Jinja's compiled templates.
 TEMPLATES = "templates"
+
+
+def templates_dir() -> Path:
+    """Installed, the templates are the package ``gradc.templates``; in a checkout, ``templates/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "kernel.c.j2").is_file():
+            return candidate
+    raise FileNotFoundError(f"gradc's C templates are missing (looked in {here / 'templates'} and {here.parent / 'templates'})")
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,7 +14,6 @@ import functools
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import jinja2
@@ -218,19 +217,10 @@ class Names:
         return Names(self.taken)
 
 
-def templates_dir() -> Path:
-    """Installed, the templates are the package ``gradc.templates``; in a checkout, ``templates/``."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "templates", here.parent / "templates"):
-        if (candidate / "kernel.c.j2").is_file():
-            return candidate
-    raise FileNotFoundError(f"gradc's C templates are missing (looked in {here / 'templates'} and {here.parent / 'templates'})")
-
-
 @functools.lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        loader=jinja2.FileSystemLoader(str(build.templates_dir())),
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,

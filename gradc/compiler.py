@@ -13,14 +13,20 @@ import textwrap
 import weakref
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import sympy as sp
 
-from . import autodiff, blas, build, codegen, fingerprint, ir, pycall, rewrite, stability
+from . import autodiff, blas, build, fingerprint, ir, rewrite
 from .dsl import Kernel, Traced, kernel as as_kernel
 from .errors import GradcError
 from .runtime import CompiledKernel
+
+# codegen (with Jinja), stability and pycall are imported where a kernel is lowered or built:
+# a warm compile, which loads the kernel through the cache's index, needs none of them, and
+# importing them takes several times as long as the load itself.
+if TYPE_CHECKING:
+    from . import codegen
 
 DTYPES = ("f32", "f64")
 
@@ -112,6 +118,8 @@ def lower(
     entry points :func:`compile` builds at once are differentiated (see :func:`_first_entries`);
     ``meta["entries"]`` still names them all.
     """
+    from . import codegen, stability
+
     threads = _thread_count(threads)
     if backend not in blas.BACKENDS:
         raise GradcError(f"backend must be one of {', '.join(map(repr, blas.BACKENDS))}, got {backend!r}")
@@ -266,6 +274,8 @@ def compile_many(
 ):
     """Render and build the kernels ``lowered`` as one extension; with ``entries``, only those
     entry points (the Python calls of :mod:`gradc.pycall` come with ``forward``)."""
+    from . import codegen, pycall
+
     specs = [l.spec for l in lowered]
     if entries is not None:
         specs = [dataclasses.replace(spec, entries=[e for e in spec.entries if e.suffix in entries]) for spec in specs]
@@ -325,6 +335,8 @@ class _Compiled(CompiledKernel):
     def rendered(self) -> codegen.Rendered:
         """Every entry point's C, as ``gradc compile --emit c`` writes it."""
         if self._rendered is None:
+            from . import codegen
+
             self._rendered = codegen.render([self.lowered.spec], self.lowered.spec.name)
         return self._rendered
 

@@ -225,10 +225,8 @@ def _gradc_source_digest() -> str:
     """A hash of gradc's own code and C templates: a change to either can change the C.
 
     The version number alone would not do: it stays the same between releases."""
-    from .codegen import templates_dir
-
     h = hashlib.sha256()
-    files = sorted(_PACKAGE.glob("*.py")) + sorted(templates_dir().glob("*.j2"))
+    files = sorted(_PACKAGE.glob("*.py")) + sorted(build.templates_dir().glob("*.j2"))
     for path in files:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
