@@ -208,6 +208,7 @@ def probe(*argv: str, cache: Path, cpus: list[int] | None = None) -> dict:
     env = dict(os.environ, GRADC_CACHE_DIR=str(cache))
     # Python's bytecode cache on, as after pip install (compile_times compiles gradc's modules).
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("GRADC_JOBS", None)  # one C compiler per CPU the probe runs on
     on_cpus = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     out = subprocess.run([sys.executable, str(HERE / "compile_probe.py"), *argv], env=env, capture_output=True, text=True, check=True, preexec_fn=on_cpus)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,6 +6,7 @@ that it builds into native kernels you can call on NumPy arrays.
 """
 
 import importlib
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,19 +143,23 @@ def __getattr__(name: str):
         value = module if where[1] is None else getattr(module, where[1])
         globals()[name] = value
         return value
-    # A misspelt op inside a kernel must name the user's line (the CLI prints one line,
-    # not a traceback).  Dunder probes by tools stay plain AttributeErrors, and so do gradc's
-    # modules not imported yet: `from . import ir` asks for the attribute before importing it.
-    if name.startswith("__") or (Path(__file__).parent / f"{name}.py").is_file():
+    if name.startswith("__"):  # probes by tools
         raise AttributeError(f"module 'gradc' has no attribute {name!r}")
+    if (Path(__file__).parent / f"{name}.py").is_file():  # gradc.ir and the like, as after `import gradc.ir`
+        return importlib.import_module(f"{__name__}.{name}")
     import difflib
 
+    close = difflib.get_close_matches(name, __all__, n=3, cutoff=0.7)
+    message = f"gradc has no function or attribute {name!r}" + (f" (did you mean {', '.join('gradc.' + c for c in close)}?)" if close else "")
+    if "gradc.dsl" not in sys.modules:
+        # No kernel has been written, so this is no kernel's line: a tool probing attributes
+        # (IPython does), which should not pay for importing SymPy.
+        raise UnknownOpError(message)
+    # A misspelt op inside a kernel names the user's line (the CLI prints one line, not a traceback).
     from .dsl import _error
 
-    close = difflib.get_close_matches(name, __all__, n=3, cutoff=0.7)
-    hint = f" (did you mean {', '.join('gradc.' + c for c in close)}?)" if close else ""
-    raise _error(UnknownOpError, f"gradc has no function or attribute {name!r}{hint}")
+    raise _error(UnknownOpError, message)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,11 +197,43 @@ def _run(command: list[str], workdir: Path) -> tuple[bool, str]:
         return True, str(exc)
 
 
+def _run_all(commands: Sequence[list[str]], order: Sequence[int], workdir: Path, jobs: int) -> dict[int, tuple[bool, str]]:
+    """Run the compiler commands ``jobs`` at a time, in ``order``: whether each failed, and what
+    it printed.  An exception here (Ctrl-C) kills the compilers still running, as
+    ``subprocess.run`` does for one, and no other starts."""
+    outcomes: dict[int, tuple[bool, str]] = {}
+    waiting = list(order)
+    running: dict[int, tuple[subprocess.Popen, object]] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                i = waiting.pop(0)
+                # A file, not a pipe: a compiler with much to say never blocks on a full pipe.
+                log = open(workdir / f"compiler-{i}.log", "w+")
+                try:
+                    running[i] = (subprocess.Popen(commands[i], cwd=workdir, stdout=log, stderr=subprocess.STDOUT), log)
+                except OSError as exc:  # the compiler vanished, or cannot be run
+                    log.close()
+                    outcomes[i] = (True, str(exc))
+            done = [i for i, (process, _) in running.items() if process.poll() is not None]
+            if not done:
+                time.sleep(0.002)
+            for i in done:
+                process, log = running.pop(i)
+                log.seek(0)
+                outcomes[i] = (process.returncode != 0, log.read().strip())
+                log.close()
+    finally:
+        for process, log in running.values():
+            process.kill()
+            process.wait()
+            log.close()
+    return outcomes
+
+
 def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], link_args: Sequence[str], workdir: Path, units: Sequence[str] = ()) -> Path:
     """Build the extension: cffi's unit (``source`` and the Python glue) and each of ``units``
     compiled side by side, one compiler per CPU, then linked into one shared object."""
-    import concurrent.futures
-
     import cffi
     from cffi.recompiler import make_c_source
 
@@ -220,8 +253,7 @@ def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], li
     commands = [_compile_command(c, o, options) for c, o in zip(c_files, objects)]
     # The longest files first, so that no long compile starts last.
     order = sorted(range(len(commands)), key=lambda i: -c_files[i].stat().st_size)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(compile_jobs(), len(commands))) as pool:
-        outcomes = dict(zip(order, pool.map(lambda i: _run(commands[i], workdir), order)))
+    outcomes = _run_all(commands, order, workdir, compile_jobs())
     for i, c_file in enumerate(c_files):
         _check(outcomes[i], f"{module_name} (compiling {c_file.name})", cflags)
     _check(_run(_link_command(objects, so, options), workdir), f"{module_name} (linking)", cflags)

@@ -106,6 +106,7 @@ def lower(
     threads: int | None = None,
     progress: Progress = _quiet,
     first_only: bool = False,
+    traced: Traced | None = None,
 ) -> Lowered:
     """Trace ``k`` and build its entry points (forward, value_and_grad, vjp, jvp, hvp) as fused graphs.
 
@@ -116,7 +117,8 @@ def lower(
     BLAS (:mod:`gradc.blas`).  ``threads=N`` (N > 1) shares large loops between N OpenMP
     threads.  ``progress(stage)`` is called as each stage starts.  With ``first_only``, only the
     entry points :func:`compile` builds at once are differentiated (see :func:`_first_entries`);
-    ``meta["entries"]`` still names them all.
+    ``meta["entries"]`` still names them all.  ``traced`` is a trace of ``k`` to lower instead of
+    ``k.trace()`` (the one a compiled kernel was built from).
     """
     from . import codegen, stability
 
@@ -124,7 +126,7 @@ def lower(
     if backend not in blas.BACKENDS:
         raise GradcError(f"backend must be one of {', '.join(map(repr, blas.BACKENDS))}, got {backend!r}")
     progress(f"tracing {name or k.name}")
-    traced = k.trace()
+    traced = traced if traced is not None else k.trace()
     graph = traced.graph
     dtype = _compute_dtype(traced, dtype)
     wrt_names, single = _wrt_list(traced, k.wrt if wrt is None else wrt)
@@ -314,21 +316,39 @@ class _Compiled(CompiledKernel):
     entry points are built on first use.  The compiler's intermediate results with every entry
     point (for them, and for the views of :meth:`show`) are computed again on first use: the
     build differentiated only the first entry points, and a kernel loaded through the cache's
-    index was not even traced."""
+    index was not even traced.  They come from the trace the extension was built from
+    (``traced``), or for a kernel loaded by its fingerprint ``digest``, from a trace made while
+    the kernel still has that fingerprint: never from a later trace of a changed kernel."""
 
-    def __init__(self, meta: dict, built, *, kernel: Kernel, options: dict, cflags):
+    def __init__(self, meta: dict, built, *, kernel: Kernel, options: dict, cflags, traced: Traced | None = None, digest: str | None = None):
         super().__init__(meta, built.ffi, built.lib, rest=self._build_rest)
         self.kernel = kernel
         self.module_name = built.module_name
         self._options = options
         self._cflags = cflags
+        self._traced = traced
+        self._digest = digest
         self._lowered: Lowered | None = None
         self._rendered: codegen.Rendered | None = None
+
+    def _trace(self) -> Traced:
+        if self._traced is None:
+            if fingerprint.kernel_digest(self.kernel) != self._digest:
+                raise GradcError(
+                    f"kernel {self.name!r} has changed (a global or closure value it reads) since this compiled kernel "
+                    f"was loaded, so its other entry points and its C cannot be made to match it: call "
+                    f"gradc.compile on it again"
+                )
+            if _traced_under.get(self.kernel) != self._digest:
+                self.kernel.retrace()
+                _traced_under[self.kernel] = self._digest
+            self._traced = self.kernel.trace()
+        return self._traced
 
     @property
     def lowered(self) -> Lowered:
         if self._lowered is None:
-            self._lowered = lower(self.kernel, **self._options)
+            self._lowered = lower(self.kernel, **self._options, traced=self._trace())
         return self._lowered
 
     @property
@@ -361,8 +381,9 @@ def _indexed(options: dict) -> bool:
     return options["backend"] == "c"
 
 
-def _load_indexed(k: Kernel, key: str, options: dict, cflags: Sequence[str] | None = None) -> _Compiled | None:
-    """The kernel the index records under ``key``, or None (no record, or one that does not load)."""
+def _load_indexed(k: Kernel, digest: str, key: str, options: dict, cflags: Sequence[str] | None = None) -> _Compiled | None:
+    """The kernel the index records under ``key`` (of ``k`` with fingerprint ``digest``), or None
+    (no record, or one that does not load)."""
     record = build.read_index(key)
     if record is None:
         return None
@@ -370,7 +391,7 @@ def _load_indexed(k: Kernel, key: str, options: dict, cflags: Sequence[str] | No
     if built is None:
         return None
     try:
-        return _Compiled(record["meta"], built, kernel=k, options=options, cflags=cflags)
+        return _Compiled(record["meta"], built, kernel=k, options=options, cflags=cflags, digest=digest)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None  # a record that does not fit its extension: compile as if it were not there
 
@@ -379,7 +400,7 @@ def _compile_traced(k: Kernel, options: dict, cflags: Sequence[str] | None) -> _
     """The full path: trace (or reuse ``k``'s trace), differentiate, render, build or load by C source."""
     lowered = lower(k, **options, first_only=True)
     _, built = compile_many([lowered], lowered.spec.name, cflags=cflags)
-    return _Compiled(lowered.meta, built, kernel=k, options=options, cflags=cflags)
+    return _Compiled(lowered.meta, built, kernel=k, options=options, cflags=cflags, traced=lowered.traced)
 
 
 def compile(
@@ -413,13 +434,15 @@ def compile(
     cached = _memo.get((id(k), key))
     if cached is not None and cached.kernel is k:
         return cached
-    compiled = _load_indexed(k, key, options, cflags) if _indexed(options) else None
+    compiled = _load_indexed(k, digest, key, options, cflags) if _indexed(options) else None
     if compiled is None:
         if _traced_under.get(k) != digest:
             k.retrace()
             _traced_under[k] = digest
         compiled = _compile_traced(k, options, cflags)
-        if _indexed(options):
+        # A trace under a C profiler has generic names in its C: good for this process, but
+        # not to be handed out as the kernel's build by its fingerprint.
+        if _indexed(options) and compiled._traced.named:
             build.write_index(key, compiled.module_name, meta=compiled.meta)
     _memo[(id(k), key)] = compiled
     return compiled

@@ -966,6 +966,8 @@ class Traced:
     source_file: str | None
     source_line: int | None
     returns_tuple: bool = False
+    #: Whether its nodes are named after the user's variables (not under a C profiler).
+    named: bool = True
 
 
 def _closure_namespace(fn) -> dict:
@@ -1155,4 +1157,4 @@ def trace(fn: Callable, params: list[Param]) -> Traced:
                 lineno=loc[1],
             )
     graph = ir.Graph(inputs, nodes, names)
-    return Traced(graph, params, dims, state.constraints, fn.__name__, loc[0], loc[1], isinstance(result, (tuple, list)))
+    return Traced(graph, params, dims, state.constraints, fn.__name__, loc[0], loc[1], isinstance(result, (tuple, list)), naming)

@@ -18,7 +18,8 @@ the results stay IEEE and reproducible (no ``-ffast-math``):
   but not the rows (B of A·B, Bᵀ of A·Bᵀ, G of Xᵀ·G) are first *packed*: for each column
   tile, copied into a contiguous panel of the workspace that every row tile then streams
   through (strided or transposed reads happen once, not once per row tile).  Sums are
-  blocked like lanes: each block of ``BLOCK`` reduction steps is added into a double tile.
+  blocked like lanes: each block of ``BLOCK`` reduction steps is added into a double tile
+  (a sum over one fixed extent of at most ``BLOCK`` is a single block and needs none).
   Rows left over at the bottom edge run as tiles of one row; columns left over at the
   right edge fall back to one accumulator per element.
 * ``dots``: a contraction whose operands are contiguous along the reduction but that no

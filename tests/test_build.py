@@ -1,6 +1,11 @@
 """Building an extension by running the C compiler directly (no setuptools)."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -96,3 +101,41 @@ def test_a_failing_unit_is_named_and_nothing_is_cached(private_cache):
     assert "broken" in message and "compiling" in message and "_0.c" in message
     assert "expected" in message  # the compiler's own words
     assert not [p for p in private_cache.iterdir() if p.name.startswith(("_gradc_", "."))]
+
+
+INTERRUPTED_BUILD = """
+import sys
+from gradc import build
+try:
+    build.build_module("int ok(void) { return 1; }", "int ok(void);", name="slow", units=["int a(void) { return 2; }", "int b(void) { return 3; }"])
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_stops_the_compilers_and_leaves_no_entry(tmp_path):
+    # A compiler that announces itself, then takes a minute on every file.
+    started = tmp_path / "started"
+    cc = tmp_path / "slow-cc"
+    cc.write_text(f'#!/bin/sh\ncase "$1" in --version) echo slow-cc 1.0; exit 0;; esac\necho $$ >> {started}\nexec sleep 60\n')
+    cc.chmod(0o755)
+    env = dict(os.environ, CC=str(cc), GRADC_CACHE_DIR=str(tmp_path / "cache"), GRADC_JOBS="2")
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED_BUILD], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (not started.exists() or len(started.read_text().split()) < 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [int(p) for p in started.read_text().split()]
+        assert len(pids) == 2  # two at a time; the third waits
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=30)
+        assert time.monotonic() - t0 < 5  # not the compilers' minute
+    finally:
+        child.kill()
+    assert out.strip() == "interrupted"
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed, not left running
+    assert len(started.read_text().split()) == 2  # the third never started
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(("_gradc_slow", ".", "_gradc_"))]

@@ -395,7 +395,7 @@ def test_tracing_under_cprofile_keeps_the_profiler_running():
     with profile:
         traced = trace(k)
         still_profiling = sys.getprofile() is profile
-    assert still_profiling
+    assert still_profiling and not traced.named  # generic names: gradc.compile keeps it out of the index
     assert [tuple(o.shape) for o in traced.graph.outputs] == [()]
     assert any(func[2] == "k" for func in pstats.Stats(profile).stats)
 

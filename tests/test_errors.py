@@ -406,3 +406,38 @@ def test_unknown_op_suggests_close_names():
 
     with pytest.raises(AttributeError, match="gradc.sigmoid"):
         gradc.compile(gradc.kernel(misspelt))
+
+
+def test_unknown_op_names_the_kernels_line():
+    def misspelt(x: f64["N"]):
+        return gradc.tanhh(x)
+
+    line = inspect.getsourcelines(misspelt)[1] + 1
+    with pytest.raises(gradc.UnknownOpError) as err:
+        gradc.compile(gradc.kernel(misspelt))
+    assert str(err.value) == f"{__file__}:{line}: gradc has no function or attribute 'tanhh' (did you mean gradc.tanh, gradc.tan?)"
+
+
+IMPORT_ONLY = """
+import json, sys
+import gradc
+probe = hasattr(gradc, "_ipython_canary_method_should_not_exist_")
+errors = (gradc.ShapeError.__module__, issubclass(gradc.UnknownOpError, AttributeError))
+after_probe = sorted(m for m in sys.modules if m.split(".")[0] in ("sympy", "jinja2"))
+ir = gradc.ir.__name__
+public = [n for n in dir(gradc) if not n.startswith("_")]
+print(json.dumps({"probe": probe, "errors": errors, "after_probe": after_probe, "ir": ir, "public": public}))
+"""
+
+
+def test_import_gradc_loads_no_sympy_until_a_kernel_needs_it():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", IMPORT_ONLY], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out)
+    assert result["probe"] is False and result["after_probe"] == []
+    assert result["errors"] == ["gradc.errors", True]
+    assert result["ir"] == "gradc.ir"  # submodules still load as attributes
+    assert set(result["public"]) == set(gradc.__all__) and {"kernel", "compile", "f32", "sum"} <= set(result["public"])

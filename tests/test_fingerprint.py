@@ -245,6 +245,18 @@ def test_compile_follows_wrt_dtype_and_stable():
     assert np.isinf(gradc.compile(softplus_sum, stable=False)(x, y))
 
 
+def test_an_earlier_compiled_kernel_keeps_its_own_values_for_every_entry_point(monkeypatch):
+    # vjp, jvp and hvp are built on first use: from the trace the first two entry points
+    # were built from, not from the kernel as it is now.
+    before = gradc.compile(scaled)
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 3.0)
+    after = gradc.compile(scaled)
+    np.testing.assert_allclose(before.vjp(X, 1.0)[1][0], 2.0 * np.cos(X), rtol=1e-14)
+    np.testing.assert_allclose(before.hvp(X, (np.ones(3),))[0], -2.0 * np.sin(X), rtol=1e-14)
+    np.testing.assert_allclose(after.vjp(X, 1.0)[1][0], 3.0 * np.cos(X), rtol=1e-14)
+    assert "2⋅cos" in before.show("math") and "3⋅cos" in after.show("math")
+
+
 def test_compile_follows_an_object_the_key_cannot_describe(monkeypatch):
     np.testing.assert_allclose(gradc.compile(reads_object)(X), np.sum(X * 2.0), rtol=1e-14)
     monkeypatch.setattr(CONFIG, "scale", 5.0)
@@ -328,11 +340,45 @@ def test_a_damaged_index_record_or_entry_rebuilds(private_cache, damage):
     assert build._valid_entry(entry, None) is not None
 
 
+def test_a_loaded_kernel_refuses_to_lower_a_changed_kernel(private_cache, monkeypatch):
+    @gradc.kernel
+    def scaled_again(x: f64["N"]):
+        return gradc.sum(gradc.sin(x) * SCALE)
+
+    gradc.compile(_fresh(scaled_again))  # built, and recorded in the index
+    kernel = _fresh(scaled_again)
+    loaded = gradc.compile(kernel)  # through the index: not traced
+    assert loaded._lowered is None
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 3.0)
+    np.testing.assert_allclose(loaded.grad(X)[0], 2.0 * np.cos(X), rtol=1e-14)  # built already
+    with pytest.raises(gradc.GradcError, match="'scaled_again' has changed .* call gradc.compile on it again"):
+        loaded.vjp(X, 1.0)
+    with pytest.raises(gradc.GradcError, match="has changed"):
+        loaded.c_source
+
+
+def test_a_kernel_compiled_under_cprofile_is_not_recorded_in_the_index(private_cache):
+    import cProfile
+
+    @gradc.kernel
+    def profiled(x: f64["N"]):
+        squares = x * x
+        return gradc.sum(squares)
+
+    before = set((private_cache / build.INDEX).glob("*.json"))
+    with cProfile.Profile():
+        k = gradc.compile(profiled)
+    np.testing.assert_allclose(k.grad(X)[0], 2 * X, rtol=1e-14)
+    assert set((private_cache / build.INDEX).glob("*.json")) == before
+    gradc.compile(_fresh(profiled))  # not profiled: recorded
+    assert len(set((private_cache / build.INDEX).glob("*.json")) - before) == 1
+
+
 def test_a_record_from_another_compiler_is_not_trusted(private_cache):
     record = _record(private_cache)
-    assert compiler._load_indexed(cubes, record.stem, {}) is not None
+    assert compiler._load_indexed(cubes, "unused digest", record.stem, {}) is not None
     record.write_text(json.dumps({**json.loads(record.read_text()), "compiler": "/usr/bin/some-other-cc:1:1"}))
-    assert compiler._load_indexed(cubes, record.stem, {}) is None
+    assert compiler._load_indexed(cubes, "unused digest", record.stem, {}) is None
 
 
 # -- across processes ---------------------------------------------------------------------------------
