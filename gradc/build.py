@@ -171,8 +171,33 @@ def openmp_supported(cc: str) -> bool:
             return False
 
 
+#: Where Linux states a container's CPU quota: cgroup v2's "quota period", v1's two files.
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CFS_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def cpu_quota() -> int | None:
+    """The CPUs a container's quota allows (rounded up), or None without a quota.  A container
+    limited to one CPU still sees all of the host's in its affinity."""
+    try:
+        quota, period = CPU_MAX.read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota, period = (path.read_text().strip() for path in CFS_QUOTA)
+        except (OSError, ValueError):
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    if quota_us <= 0 or period_us <= 0:  # v1's -1: no quota
+        return None
+    return -(-quota_us // period_us)
+
+
 def compile_jobs() -> int:
-    """How many C compilers a build runs at once: ``$GRADC_JOBS``, else the CPUs this process may use."""
+    """How many C compilers a build runs at once: ``$GRADC_JOBS``, else the CPUs this process may
+    use (its affinity, and the container's CPU quota if there is one)."""
     env = os.environ.get("GRADC_JOBS")
     if env is not None:
         try:
@@ -183,9 +208,10 @@ def compile_jobs() -> int:
             raise BuildError(f"GRADC_JOBS must be a whole number of C compilers to run at once, 1 or more; it is {env!r}")
         return jobs
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return min(cpus, cpu_quota() or cpus)
 
 
 def _run(command: list[str], workdir: Path) -> tuple[bool, str]:

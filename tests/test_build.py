@@ -94,6 +94,32 @@ def test_a_bad_job_count_says_what_it_must_be(monkeypatch, jobs):
         build.compile_jobs()
 
 
+@pytest.mark.parametrize(
+    "v2, v1, quota",
+    [
+        ("150000 100000\n", None, 2),  # 1.5 CPUs: two compilers
+        ("max 100000\n", None, None),
+        (None, ("50000", "100000"), 1),
+        (None, ("-1", "100000"), None),
+        (None, None, None),
+        ("garbage", None, None),
+    ],
+)
+def test_a_containers_cpu_quota_caps_the_compilers(monkeypatch, tmp_path, v2, v1, quota):
+    cpu_max, cfs = tmp_path / "cpu.max", (tmp_path / "quota", tmp_path / "period")
+    if v2 is not None:
+        cpu_max.write_text(v2)
+    if v1 is not None:
+        for path, text in zip(cfs, v1):
+            path.write_text(text + "\n")
+    monkeypatch.setattr(build, "CPU_MAX", cpu_max)
+    monkeypatch.setattr(build, "CFS_QUOTA", cfs)
+    monkeypatch.delenv("GRADC_JOBS", raising=False)
+    assert build.cpu_quota() == quota
+    cpus = len(os.sched_getaffinity(0))
+    assert build.compile_jobs() == min(cpus, quota or cpus)
+
+
 def test_a_failing_unit_is_named_and_nothing_is_cached(private_cache):
     with pytest.raises(build.BuildError) as err:
         build.build_module("int ok(void) { return 1; }", "int ok(void);", name="broken", units=["int ok2(void) { return }"])
