@@ -65,6 +65,9 @@ BLOCK = 256
 TILE_ROWS = 8
 TILE_COLS = 32
 TILE_DOTS = 4
+#: An innermost output axis of fewer elements than this (a vector of floats) makes a poor
+#: tile row: the tile is turned (see _turned_tile).
+NARROW = 16
 #: Extents assumed for named dimensions when comparing loop orders (only the ratios matter).
 TYPICAL_EXTENT = 1000
 #: Loop-box points below which a nest stays on one thread: waking a team of threads costs
@@ -163,6 +166,24 @@ def _packed_tile(node: ir.Map) -> Schedule | None:
     return Schedule("tile", tuple(outer + [col, row, red]), len(outer), False, (row, col), tuple(pack))
 
 
+def _turned_tile(node: ir.Map) -> Schedule | None:
+    """Register tiles turned on their side: columns along the second-innermost output axis, when
+    the innermost is a fixed extent narrower than a vector (``NARROW``) and every operand is
+    unit-stride or invariant along the second.  The weight gradient Hᵀ·G of a layer with ten
+    outputs then multiply-adds whole vectors of H's rows, not ten-wide rows of G; its output
+    is stored with a stride, once per tile."""
+    out_vars, red_vars = node.out_vars(), node.reduced_vars()
+    if len(out_vars) < 2 or len(red_vars) != 1:
+        return None
+    *outer, col, row = out_vars
+    narrow, wide = sp.sympify(node.loop[row]), sp.sympify(node.loop[col])
+    if not (narrow.is_Integer and narrow < NARROW) or (wide.is_Integer and wide < TILE_COLS):
+        return None
+    if not _contiguous(node, col, with_output=False):
+        return None
+    return Schedule("tile", tuple(outer + [col, row] + red_vars), len(outer), False, (row, col))
+
+
 def schedule(node: ir.Map) -> Schedule:
     n = len(node.loop)
     if n == 0:
@@ -173,6 +194,9 @@ def schedule(node: ir.Map) -> Schedule:
     if node.reduce is None:
         return Schedule("map", tuple(range(n)), 0, False)
     if node.is_gather_form():
+        turned = _turned_tile(node)
+        if turned is not None:
+            return turned
         packed = _packed_tile(node)
         if packed is not None:
             return packed

@@ -139,6 +139,24 @@ def test_weight_gradient_is_tiled():
     assert [a.var for a in d_W.operands[packed].index] == [d_W.reduced_vars()[0], col]
 
 
+@gradc.kernel
+def ten_outputs(X: f32["N", "K"], W: f32["K", 10]):
+    return X @ W
+
+
+def test_weight_gradient_of_a_narrow_layer_is_tiled_on_its_side():
+    d_W = entry_outputs(ten_outputs, "vjp")["d_W"]
+    # d_W[k, m] = Σ_n X[n, k] ct[n, m] with m only 10 wide: the columns of the tile run along
+    # k, where X is contiguous, and the ten m are its rows; nothing needs packing
+    plan = schedule.schedule(d_W)
+    assert plan.kind == "tile" and not plan.pack and not plan.lanes
+    row, col = plan.tile
+    assert (d_W.loop[row], d_W.loop[col]) == (10, K)
+    # the forward product has 10 columns too, but X is strided along its rows: not turned
+    out = entry_outputs(ten_outputs, "forward")["out"]
+    assert schedule.schedule(out).tile[1] == out.out_vars()[-1]
+
+
 def test_transposed_operand_is_packed_into_a_tile():
     d_X = entry_outputs(matmul, "vjp")["d_X"]
     # d_X[n, k] = Σ_m ct[n, m] W[k, m]: W is read along the columns (k) with stride M, so each
