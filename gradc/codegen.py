@@ -20,7 +20,7 @@ import jinja2
 import sympy as sp
 
 from . import __version__, blas, build, ir, schedule
-from .printer import VECTOR_MATH_ORDER, GradcCPrinter, IndexPrinter
+from .printer import NEAR_BOUND, NEAR_FORMS, VECTOR_MATH_NEEDS, VECTOR_MATH_ORDER, GradcCPrinter, IndexPrinter
 from .scalar import lower_for_c
 
 LOOP_VARS = "ijklmnpqrstuvw"
@@ -164,6 +164,12 @@ class Nest:
     starts: list[str] = field(default_factory=list)  # where each loop starts, when not all at 0
     after: list[str] = field(default_factory=list)  # after the loops: chunk partials to the outputs
     gemm: GemmCall | None = None  # backend "blas": the library call that may run instead of the loops
+    #: sin/cos in lanes: each block first checks (``near_scan``, ``near_check``) that every
+    #: argument is small enough for the short reduction, then runs ``near_body`` or ``body``
+    near: str = ""
+    near_scan: list[str] = field(default_factory=list)
+    near_check: str = ""
+    near_body: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -482,9 +488,43 @@ class FunctionLowering:
             tile=tile,
             silent=tuple(v for v in loop_vars if not re.search(rf"\b{v}\b", "\n".join(body))),
         )
+        if lanes and self.ctype == "float":
+            self.near_path(nest, local)
         if self.spec.threads > 1:
             self.parallelise(nest, group, plan, reductions, local)
         return nest
+
+    def near_path(self, nest: Nest, local: Names) -> None:
+        """Give a laned nest that calls sin or cos a second body with their short reduction.
+
+        The exact reduction (any float) is most of the cost of sin and cos; the short one is
+        exact only for |x| <= 2^19.  A block whose arguments are all that small, as nearly
+        every block in practice, runs the second body; a block with a larger, infinite or NaN
+        argument runs the first.  Only arguments that are plain locals are checked (the usual
+        case after CSE); a nest with any other is left as it is.
+        """
+        calls = re.compile(r"\b(" + "|".join(NEAR_FORMS) + r")\(")
+        args = re.compile(r"\b(?:" + "|".join(NEAR_FORMS) + r")\((\w+)\)")
+        text = "\n".join(nest.body)
+        found = args.findall(text)
+        if not found or len(found) != len(calls.findall(text)):
+            return
+        nest.near = local.take("near")
+        # The scan computes only the locals the arguments are made of.
+        definition = re.compile(r"const \w+ (\w+) = (.*);$")
+        defined = {m.group(1): (line, set(re.findall(r"\b\w+\b", m.group(2)))) for line in nest.body if (m := definition.match(line))}
+        needed, todo = set(), list(dict.fromkeys(found))
+        while todo:
+            name = todo.pop()
+            if name in defined and name not in needed:
+                needed.add(name)
+                todo.extend(defined[name][1])
+        nest.near_scan = [line for name, (line, _) in defined.items() if name in needed]
+        nest.near_check = f"{nest.near} &= " + " & ".join(f"(fabsf({a}) <= {NEAR_BOUND})" for a in dict.fromkeys(found)) + ";"
+        nest.near_body = [calls.sub(lambda m: NEAR_FORMS[m.group(1)] + "(", line) for line in nest.body]
+        for name in set(calls.findall(text)):
+            self.fp.helpers.add(NEAR_FORMS[name])
+            self.fp.helpers.update(VECTOR_MATH_NEEDS[NEAR_FORMS[name]])
 
     def parallelise(self, nest: Nest, group: list[ir.Map], plan, reductions, local: Names) -> None:
         """Share the nest's outermost loop between threads (see ``parallel_form`` in gradc/schedule.py)."""

@@ -35,7 +35,13 @@ VECTOR_MATH_NEEDS = {
     "gradc_tanhf": ("gradc_expf", "gradc_float_of"),
     "gradc_sinf": _SHARED_BY_SIN_AND_COS + ("gradc_bits_of",),
     "gradc_cosf": _SHARED_BY_SIN_AND_COS,
+    "gradc_sinf_near": ("gradc_quarter_turns_near", "gradc_sin_quarter_turns", "gradc_bits_of"),
+    "gradc_cosf_near": ("gradc_quarter_turns_near", "gradc_sin_quarter_turns"),
 }
+#: sin and cos in their forms for small arguments (see codegen's near_path)
+NEAR_FORMS = {"gradc_sinf": "gradc_sinf_near", "gradc_cosf": "gradc_cosf_near"}
+#: the bound on |x| of those forms
+NEAR_BOUND = "0x1p19f"
 #: every helper, each after the ones it calls
 VECTOR_MATH_ORDER = (
     "gradc_bits_of",
@@ -48,9 +54,12 @@ VECTOR_MATH_ORDER = (
     "gradc_two_sum",
     "gradc_two_over_pi_piece",
     "gradc_quarter_turns",
+    "gradc_quarter_turns_near",
     "gradc_sin_quarter_turns",
     "gradc_sinf",
     "gradc_cosf",
+    "gradc_sinf_near",
+    "gradc_cosf_near",
 )
 
 

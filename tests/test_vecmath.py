@@ -238,6 +238,49 @@ def test_dense_ranges_within_2_5_ulp(compiled, name, region):
     assert_within_ulps(name, x, got, exact(name, x))
 
 
+@gradc.kernel
+def sin_cos_in_lanes(x: f32["N"]):
+    # one pass with a sum: a laned nest, whose blocks take the short reduction when they can
+    s, c = gradc.sin(x), gradc.cos(x)
+    return s, c, gradc.sum(s * c)
+
+
+@pytest.fixture(scope="module")
+def laned():
+    k = gradc.compile(sin_cos_in_lanes)
+    assert "gradc_sinf_near(" in k.c_source and "gradc_cosf_near(" in k.c_source
+    return k
+
+
+SHORT = {
+    "[-10, 10]": SIN_COS_REGIONS["[-10, 10]"],
+    "near k pi/2, k < 2^16": SIN_COS_REGIONS["near k pi/2, k < 2^16"],
+    "up to the bound 2^19": np.concatenate([every_float(2.0**19 - 0.5, 2.0**19), -every_float(2.0**19 - 0.5, 2.0**19)]),
+    "tiny": SIN_COS_REGIONS["tiny"],
+}
+
+
+@pytest.mark.parametrize("region", [*SHORT, *SIN_COS_REGIONS])
+def test_sin_and_cos_in_laned_blocks_within_0_51_ulp(laned, region):
+    # SHORT runs the short reduction in whole blocks; the regions of every exponent mix large
+    # arguments into nearly every block, which then takes the exact one.
+    x = np.ascontiguousarray(SHORT.get(region, SIN_COS_REGIONS.get(region)))
+    s, c, _ = laned(x)
+    assert_within_ulps("sin", x, s, exact("sin", x))
+    assert_within_ulps("cos", x, c, exact("cos", x))
+
+
+def test_one_large_special_or_nan_argument_sends_its_block_to_the_exact_reduction(laned, compiled):
+    x = np.linspace(-3, 3, 1000, dtype=np.float32)
+    for odd in (np.float32(2.0**19 + 64), np.float32(1e30), np.inf, np.nan):
+        y = x.copy()
+        y[300] = odd
+        s, c, total = laned(y)
+        np.testing.assert_array_equal(s, compiled["sin"](y))  # the map kernel always reduces exactly
+        np.testing.assert_array_equal(c, compiled["cos"](y))
+        assert np.isnan(total) == (not np.isfinite(odd))
+
+
 def test_sin_is_odd_and_cos_even_bit_for_bit(compiled):
     x = SIN_COS_REGIONS["all positive floats"][: 10**6]
     np.testing.assert_array_equal(compiled["sin"](-x), -compiled["sin"](x))

@@ -89,6 +89,18 @@ static inline double gradc_quarter_turns(float x, int *quadrant)
     *quadrant = (int)n & 3;
     return (s - n) + (((e0 + e1) + p3) + p4);
 }
+/* gradc_quarter_turns for |x| <= 2^19 only, in a few operations (Cody-Waite): pi/2 in three
+   doubles, the first two of 33 bits, so that n times each is exact for the n < 2^19 such x
+   give; f keeps about 53 bits, as there.  A loop nest takes it for a block of elements only
+   when every argument of the block is that small (and not NaN). */
+static inline double gradc_quarter_turns_near(float x, int *quadrant)
+{
+    const double d = fabs((double)x);
+    const double n = (d * 0x1.45f306dc9c883p-1 + 0x1.8p52) - 0x1.8p52;
+    *quadrant = (int)n & 3;
+    const double r = ((d - n * 0x1.921fb544p+0) - n * 0x1.0b4611a6p-34) - n * 0x1.3198a2e037073p-69;
+    return r * 0x1.45f306dc9c883p-1;
+}
 /* sin(pi/2 (q + f)) for |f| <= 1/2: +-sin or +-cos of pi/2 f by the quadrant q.  Both
    polynomials (minimax in f^2, relative error below 2^-37 and 2^-33) are evaluated and one
    is selected; in double, so the float result is within about 0.5 ulp. */
@@ -126,6 +138,21 @@ static inline float gradc_cosf(float x)
     const double f = gradc_quarter_turns(x, &q);
     const float y = (float)gradc_sin_quarter_turns(f, q + 1);
     return fabsf(x) < HUGE_VALF ? y : x - x;  /* Inf and NaN give NaN */
+}
+/* gradc_sinf for |x| <= 2^19 (see gradc_quarter_turns_near). */
+static inline float gradc_sinf_near(float x)
+{
+    int q;
+    const double f = gradc_quarter_turns_near(x, &q);
+    const float y = (float)gradc_sin_quarter_turns(f, q);
+    return gradc_bits_of(x) < 0 ? -y : y;
+}
+/* gradc_cosf for |x| <= 2^19 (see gradc_quarter_turns_near). */
+static inline float gradc_cosf_near(float x)
+{
+    int q;
+    const double f = gradc_quarter_turns_near(x, &q);
+    return (float)gradc_sin_quarter_turns(f, q + 1);
 }
 
 /* ======================================================================== custom_layer */
@@ -262,27 +289,57 @@ int custom_layer_forward(
     for (ptrdiff_t n = 0; n < N; ++n) {
         for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
             const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
-            float lanes_out[16];
-            for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                lanes_out[gradc_l] = 0;
+            /* sin and cos: the short reduction when every argument of the block allows it */
+            int near = 1;
+            for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                const float matmul_nm = matmul[M*n + m];
+                near &= (fabsf(matmul_nm) <= 0x1p19f);
             }
-            ptrdiff_t m_lane = m_block;
-            for (; m_lane + 16 <= m_end; m_lane += 16) {
+            if (near) {
+                float lanes_out[16];
                 for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    const ptrdiff_t m = m_lane + gradc_l;
+                    lanes_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float term_out = (gradc_sinf_near(matmul_nm)*gradc_sinf_near(matmul_nm));
+                        lanes_out[gradc_l] += term_out;
+                    }
+                }
+                float part_out = lanes_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    const float term_out = (gradc_sinf_near(matmul_nm)*gradc_sinf_near(matmul_nm));
+                    part_out += term_out;
+                }
+                acc_out += part_out;
+            } else {
+                float lanes_out[16];
+                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                    lanes_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
+                        lanes_out[gradc_l] += term_out;
+                    }
+                }
+                float part_out = lanes_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                     const float matmul_nm = matmul[M*n + m];
                     const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
-                    lanes_out[gradc_l] += term_out;
+                    part_out += term_out;
                 }
+                acc_out += part_out;
             }
-            float part_out = lanes_out[0];
-            for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
-            for (ptrdiff_t m = m_lane; m < m_end; ++m) {
-                const float matmul_nm = matmul[M*n + m];
-                const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
-                part_out += term_out;
-            }
-            acc_out += part_out;
         }
     }
     out[0] = (float)acc_out;
@@ -410,31 +467,65 @@ int custom_layer_value_and_grad(
     for (ptrdiff_t n = 0; n < N; ++n) {
         for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
             const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
-            float lanes_out[16];
-            for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                lanes_out[gradc_l] = 0;
+            /* sin and cos: the short reduction when every argument of the block allows it */
+            int near = 1;
+            for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                const float matmul_nm = matmul[M*n + m];
+                near &= (fabsf(matmul_nm) <= 0x1p19f);
             }
-            ptrdiff_t m_lane = m_block;
-            for (; m_lane + 16 <= m_end; m_lane += 16) {
+            if (near) {
+                float lanes_out[16];
                 for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    const ptrdiff_t m = m_lane + gradc_l;
+                    lanes_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float t0 = gradc_sinf_near(matmul_nm);
+                        const float term_out = (t0*t0);
+                        d_matmul[M*n + m] = 2*t0*gradc_cosf_near(matmul_nm);
+                        lanes_out[gradc_l] += term_out;
+                    }
+                }
+                float part_out = lanes_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    const float t0 = gradc_sinf_near(matmul_nm);
+                    const float term_out = (t0*t0);
+                    d_matmul[M*n + m] = 2*t0*gradc_cosf_near(matmul_nm);
+                    part_out += term_out;
+                }
+                acc_out += part_out;
+            } else {
+                float lanes_out[16];
+                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                    lanes_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float t0 = gradc_sinf(matmul_nm);
+                        const float term_out = (t0*t0);
+                        d_matmul[M*n + m] = 2*t0*gradc_cosf(matmul_nm);
+                        lanes_out[gradc_l] += term_out;
+                    }
+                }
+                float part_out = lanes_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                     const float matmul_nm = matmul[M*n + m];
                     const float t0 = gradc_sinf(matmul_nm);
                     const float term_out = (t0*t0);
                     d_matmul[M*n + m] = 2*t0*gradc_cosf(matmul_nm);
-                    lanes_out[gradc_l] += term_out;
+                    part_out += term_out;
                 }
+                acc_out += part_out;
             }
-            float part_out = lanes_out[0];
-            for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
-            for (ptrdiff_t m = m_lane; m < m_end; ++m) {
-                const float matmul_nm = matmul[M*n + m];
-                const float t0 = gradc_sinf(matmul_nm);
-                const float term_out = (t0*t0);
-                d_matmul[M*n + m] = 2*t0*gradc_cosf(matmul_nm);
-                part_out += term_out;
-            }
-            acc_out += part_out;
         }
     }
     out[0] = (float)acc_out;
@@ -752,33 +843,69 @@ int custom_layer_vjp(
     for (ptrdiff_t n = 0; n < N; ++n) {
         for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
             const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
-            float lanes_out[16];
-            for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                lanes_out[gradc_l] = 0;
+            /* sin and cos: the short reduction when every argument of the block allows it */
+            int near = 1;
+            for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                const float matmul_nm = matmul[M*n + m];
+                near &= (fabsf(matmul_nm) <= 0x1p19f);
             }
-            ptrdiff_t m_lane = m_block;
-            for (; m_lane + 16 <= m_end; m_lane += 16) {
+            if (near) {
+                float lanes_out[16];
                 for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    const ptrdiff_t m = m_lane + gradc_l;
+                    lanes_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float ct_out_ = ct_out[0];
+                        const float t0 = gradc_sinf_near(matmul_nm);
+                        const float term_out = (t0*t0);
+                        d_matmul[M*n + m] = 2*ct_out_*t0*gradc_cosf_near(matmul_nm);
+                        lanes_out[gradc_l] += term_out;
+                    }
+                }
+                float part_out = lanes_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    const float ct_out_ = ct_out[0];
+                    const float t0 = gradc_sinf_near(matmul_nm);
+                    const float term_out = (t0*t0);
+                    d_matmul[M*n + m] = 2*ct_out_*t0*gradc_cosf_near(matmul_nm);
+                    part_out += term_out;
+                }
+                acc_out += part_out;
+            } else {
+                float lanes_out[16];
+                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                    lanes_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float ct_out_ = ct_out[0];
+                        const float t0 = gradc_sinf(matmul_nm);
+                        const float term_out = (t0*t0);
+                        d_matmul[M*n + m] = 2*ct_out_*t0*gradc_cosf(matmul_nm);
+                        lanes_out[gradc_l] += term_out;
+                    }
+                }
+                float part_out = lanes_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                     const float matmul_nm = matmul[M*n + m];
                     const float ct_out_ = ct_out[0];
                     const float t0 = gradc_sinf(matmul_nm);
                     const float term_out = (t0*t0);
                     d_matmul[M*n + m] = 2*ct_out_*t0*gradc_cosf(matmul_nm);
-                    lanes_out[gradc_l] += term_out;
+                    part_out += term_out;
                 }
+                acc_out += part_out;
             }
-            float part_out = lanes_out[0];
-            for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
-            for (ptrdiff_t m = m_lane; m < m_end; ++m) {
-                const float matmul_nm = matmul[M*n + m];
-                const float ct_out_ = ct_out[0];
-                const float t0 = gradc_sinf(matmul_nm);
-                const float term_out = (t0*t0);
-                d_matmul[M*n + m] = 2*ct_out_*t0*gradc_cosf(matmul_nm);
-                part_out += term_out;
-            }
-            acc_out += part_out;
         }
     }
     out[0] = (float)acc_out;
@@ -1094,27 +1221,57 @@ int custom_layer_jvp(
     for (ptrdiff_t n = 0; n < N; ++n) {
         for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
             const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
-            float lanes_out[16];
-            for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                lanes_out[gradc_l] = 0;
+            /* sin and cos: the short reduction when every argument of the block allows it */
+            int near = 1;
+            for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                const float matmul_nm = matmul[M*n + m];
+                near &= (fabsf(matmul_nm) <= 0x1p19f);
             }
-            ptrdiff_t m_lane = m_block;
-            for (; m_lane + 16 <= m_end; m_lane += 16) {
+            if (near) {
+                float lanes_out[16];
                 for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    const ptrdiff_t m = m_lane + gradc_l;
+                    lanes_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float term_out = (gradc_sinf_near(matmul_nm)*gradc_sinf_near(matmul_nm));
+                        lanes_out[gradc_l] += term_out;
+                    }
+                }
+                float part_out = lanes_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    const float term_out = (gradc_sinf_near(matmul_nm)*gradc_sinf_near(matmul_nm));
+                    part_out += term_out;
+                }
+                acc_out += part_out;
+            } else {
+                float lanes_out[16];
+                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                    lanes_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
+                        lanes_out[gradc_l] += term_out;
+                    }
+                }
+                float part_out = lanes_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                     const float matmul_nm = matmul[M*n + m];
                     const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
-                    lanes_out[gradc_l] += term_out;
+                    part_out += term_out;
                 }
+                acc_out += part_out;
             }
-            float part_out = lanes_out[0];
-            for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_out += lanes_out[gradc_l];
-            for (ptrdiff_t m = m_lane; m < m_end; ++m) {
-                const float matmul_nm = matmul[M*n + m];
-                const float term_out = (gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm));
-                part_out += term_out;
-            }
-            acc_out += part_out;
         }
     }
     out[0] = (float)acc_out;
@@ -1225,29 +1382,61 @@ int custom_layer_jvp(
     for (ptrdiff_t n = 0; n < N; ++n) {
         for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
             const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
-            float lanes_t_out[16];
-            for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                lanes_t_out[gradc_l] = 0;
+            /* sin and cos: the short reduction when every argument of the block allows it */
+            int near = 1;
+            for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                const float matmul_nm = matmul[M*n + m];
+                near &= (fabsf(matmul_nm) <= 0x1p19f);
             }
-            ptrdiff_t m_lane = m_block;
-            for (; m_lane + 16 <= m_end; m_lane += 16) {
+            if (near) {
+                float lanes_t_out[16];
                 for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
-                    const ptrdiff_t m = m_lane + gradc_l;
+                    lanes_t_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float t_matmul_nm = t_matmul[M*n + m];
+                        const float term_t_out = 2*t_matmul_nm*gradc_sinf_near(matmul_nm)*gradc_cosf_near(matmul_nm);
+                        lanes_t_out[gradc_l] += term_t_out;
+                    }
+                }
+                float part_t_out = lanes_t_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_t_out += lanes_t_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    const float t_matmul_nm = t_matmul[M*n + m];
+                    const float term_t_out = 2*t_matmul_nm*gradc_sinf_near(matmul_nm)*gradc_cosf_near(matmul_nm);
+                    part_t_out += term_t_out;
+                }
+                acc_t_out += part_t_out;
+            } else {
+                float lanes_t_out[16];
+                for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                    lanes_t_out[gradc_l] = 0;
+                }
+                ptrdiff_t m_lane = m_block;
+                for (; m_lane + 16 <= m_end; m_lane += 16) {
+                    for (int gradc_l = 0; gradc_l < 16; ++gradc_l) {
+                        const ptrdiff_t m = m_lane + gradc_l;
+                        const float matmul_nm = matmul[M*n + m];
+                        const float t_matmul_nm = t_matmul[M*n + m];
+                        const float term_t_out = 2*t_matmul_nm*gradc_sinf(matmul_nm)*gradc_cosf(matmul_nm);
+                        lanes_t_out[gradc_l] += term_t_out;
+                    }
+                }
+                float part_t_out = lanes_t_out[0];
+                for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_t_out += lanes_t_out[gradc_l];
+                for (ptrdiff_t m = m_lane; m < m_end; ++m) {
                     const float matmul_nm = matmul[M*n + m];
                     const float t_matmul_nm = t_matmul[M*n + m];
                     const float term_t_out = 2*t_matmul_nm*gradc_sinf(matmul_nm)*gradc_cosf(matmul_nm);
-                    lanes_t_out[gradc_l] += term_t_out;
+                    part_t_out += term_t_out;
                 }
+                acc_t_out += part_t_out;
             }
-            float part_t_out = lanes_t_out[0];
-            for (int gradc_l = 1; gradc_l < 16; ++gradc_l) part_t_out += lanes_t_out[gradc_l];
-            for (ptrdiff_t m = m_lane; m < m_end; ++m) {
-                const float matmul_nm = matmul[M*n + m];
-                const float t_matmul_nm = t_matmul[M*n + m];
-                const float term_t_out = 2*t_matmul_nm*gradc_sinf(matmul_nm)*gradc_cosf(matmul_nm);
-                part_t_out += term_t_out;
-            }
-            acc_t_out += part_t_out;
         }
     }
     t_out[0] = (float)acc_t_out;
