@@ -488,19 +488,19 @@ class FunctionLowering:
             tile=tile,
             silent=tuple(v for v in loop_vars if not re.search(rf"\b{v}\b", "\n".join(body))),
         )
-        if lanes and self.ctype == "float":
+        if self.ctype == "float" and (lanes or (plan.kind == "map" and nest.loops)):
             self.near_path(nest, local)
         if self.spec.threads > 1:
             self.parallelise(nest, group, plan, reductions, local)
         return nest
 
     def near_path(self, nest: Nest, local: Names) -> None:
-        """Give a laned nest that calls sin or cos a second body with their short reduction.
+        """Give a nest that calls sin or cos a second body with their short reduction.
 
         The exact reduction (any float) is most of the cost of sin and cos; the short one is
-        exact only for |x| <= 2^19.  A block whose arguments are all that small, as nearly
-        every block in practice, runs the second body; a block with a larger, infinite or NaN
-        argument runs the first.  Only arguments that are plain locals are checked (the usual
+        exact only for |x| <= 2^19.  The innermost loop runs in blocks (a laned one already
+        does); a block whose arguments are all that small, as nearly every block in practice,
+        runs the second body; a block with a larger, infinite or NaN argument runs the first.  Only arguments that are plain locals are checked (the usual
         case after CSE); a nest with any other is left as it is.
         """
         calls = re.compile(r"\b(" + "|".join(NEAR_FORMS) + r")\(")
@@ -510,6 +510,9 @@ class FunctionLowering:
         if not found or len(found) != len(calls.findall(text)):
             return
         nest.near = local.take("near")
+        if nest.lane is None:  # a plain innermost loop: it runs in blocks, each scanned first
+            v = nest.loops[-1][0]
+            nest.lane = Lane(local.take(f"{v}_block"), local.take(f"{v}_end"), "", "", schedule.BLOCK)
         # The scan computes only the locals the arguments are made of.
         definition = re.compile(r"const \w+ (\w+) = (.*);$")
         defined = {m.group(1): (line, set(re.findall(r"\b\w+\b", m.group(2)))) for line in nest.body if (m := definition.match(line))}

@@ -1566,9 +1566,25 @@ int custom_layer_hvp(
 
     /* d_matmul[n, m] = 2*sin(matmul[n, m])*cos(matmul[n, m])   [custom_layer.py: line 16] */
     for (ptrdiff_t n = 0; n < N; ++n) {
-        for (ptrdiff_t m = 0; m < M; ++m) {
-            const float matmul_nm = matmul[M*n + m];
-            d_matmul[M*n + m] = 2*gradc_sinf(matmul_nm)*gradc_cosf(matmul_nm);
+        for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
+            const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
+            /* sin and cos: the short reduction when every argument of the block allows it */
+            int near = 1;
+            for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                const float matmul_nm = matmul[M*n + m];
+                near &= (fabsf(matmul_nm) <= 0x1p19f);
+            }
+            if (near) {
+                for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    d_matmul[M*n + m] = 2*gradc_sinf_near(matmul_nm)*gradc_cosf_near(matmul_nm);
+                }
+            } else {
+                for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    d_matmul[M*n + m] = 2*gradc_sinf(matmul_nm)*gradc_cosf(matmul_nm);
+                }
+            }
         }
     }
 
@@ -1675,10 +1691,27 @@ int custom_layer_hvp(
 
     /* t_d_matmul[n, m] = (-2*sin(matmul[n, m])**2 + 2*cos(matmul[n, m])**2)*t_matmul[n, m]   [custom_layer.py: line 16] */
     for (ptrdiff_t n = 0; n < N; ++n) {
-        for (ptrdiff_t m = 0; m < M; ++m) {
-            const float matmul_nm = matmul[M*n + m];
-            const float t_matmul_nm = t_matmul[M*n + m];
-            t_d_matmul[M*n + m] = t_matmul_nm*(-2*(gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm)) + 2*(gradc_cosf(matmul_nm)*gradc_cosf(matmul_nm)));
+        for (ptrdiff_t m_block = 0; m_block < M; m_block += 256) {
+            const ptrdiff_t m_end = m_block + 256 < M ? m_block + 256 : M;
+            /* sin and cos: the short reduction when every argument of the block allows it */
+            int near = 1;
+            for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                const float matmul_nm = matmul[M*n + m];
+                near &= (fabsf(matmul_nm) <= 0x1p19f);
+            }
+            if (near) {
+                for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    const float t_matmul_nm = t_matmul[M*n + m];
+                    t_d_matmul[M*n + m] = t_matmul_nm*(-2*(gradc_sinf_near(matmul_nm)*gradc_sinf_near(matmul_nm)) + 2*(gradc_cosf_near(matmul_nm)*gradc_cosf_near(matmul_nm)));
+                }
+            } else {
+                for (ptrdiff_t m = m_block; m < m_end; ++m) {
+                    const float matmul_nm = matmul[M*n + m];
+                    const float t_matmul_nm = t_matmul[M*n + m];
+                    t_d_matmul[M*n + m] = t_matmul_nm*(-2*(gradc_sinf(matmul_nm)*gradc_sinf(matmul_nm)) + 2*(gradc_cosf(matmul_nm)*gradc_cosf(matmul_nm)));
+                }
+            }
         }
     }
 
