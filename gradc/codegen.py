@@ -100,6 +100,9 @@ class Tile:
     cols: int
     blocked: bool  # sums: blocks of the innermost reduction loop go into a double tile
     block_size: int
+    #: threads share the column tiles, not the row tiles: a turned tile (schedule's
+    #: _turned_tile) has only a few rows, and nothing packed
+    parallel_cols: bool
     ctype: str
     identity: str
     tile: str  # names: the register tile, the double tile, loop variables
@@ -612,6 +615,7 @@ class FunctionLowering:
             cols=_fit(schedule.TILE_DOTS if dots else schedule.TILE_COLS if self.ctype == "float" else schedule.TILE_COLS // 2, node.loop[col]),
             blocked=blocked,
             block_size=schedule.BLOCK,
+            parallel_cols=not plan.pack and row is not None and node.loop[row].is_Integer and int(node.loop[row]) < schedule.NARROW,
             ctype=self.ctype,
             identity=self.identity(node.reduce),
             **{k: names[k] for k in ("tile", "wide", "row0", "col0", "row_full", "col_full", "gi", "gj", "blk", "blk_end", "acc")},

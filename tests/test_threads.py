@@ -8,6 +8,7 @@ so it agrees bit for bit between any two thread counts above one, and with one t
 rounding.  Everything is also checked against NumPy in float64.
 """
 
+import re
 import shutil
 import subprocess
 import threading
@@ -40,7 +41,13 @@ def shifted(x: f32["n"], X: f32["N", "M"], Z: f32["N", 4], z: f32[5]):
     return gradc.sum((x[1:] - x[:-1]) ** 2) + gradc.sum(X[:, 1:] * X[:, :-1]) + gradc.sum(Z * z[1:])
 
 
-KERNELS = {"layer": layer, "pointwise": pointwise, "rows": rows, "shifted": shifted}
+@gradc.kernel
+def narrow(X: f32["N", "K"], W: f32["K", 10]):
+    # d_W = Xᵀ·G with ten columns: a turned tile, its column tiles shared between threads
+    return gradc.sum(gradc.tanh(X @ W) ** 2)
+
+
+KERNELS = {"layer": layer, "pointwise": pointwise, "rows": rows, "shifted": shifted, "narrow": narrow}
 
 #: (below the work threshold, above it), with extents that fill no tile, lane block or chunk evenly.
 SIZES = {
@@ -48,6 +55,7 @@ SIZES = {
     "pointwise": [dict(n=1000), dict(n=100_003)],
     "rows": [dict(N=3, M=5, n=7), dict(N=37, M=1031, n=50_001)],
     "shifted": [dict(n=11, N=3, M=5), dict(n=100_003, N=129, M=517)],
+    "narrow": [dict(N=5, K=7), dict(N=1003, K=259)],
 }
 
 
@@ -59,6 +67,8 @@ def inputs(name: str, dims: dict, seed: int = 0) -> list[np.ndarray]:
 
     if name == "layer":
         return [a(dims["N"], dims["K"], scale=0.3), a(dims["K"], dims["M"], scale=0.3)]
+    if name == "narrow":
+        return [a(dims["N"], dims["K"], scale=0.3), a(dims["K"], 10, scale=0.1)]
     if name == "pointwise":
         return [a(dims["n"]), a(dims["n"])]
     if name == "rows":
@@ -74,6 +84,11 @@ def reference(name: str, args: list[np.ndarray]):
         Y = X @ W
         G = 2 * np.sin(Y) * np.cos(Y)
         return [np.sum(np.sin(Y) ** 2)], [G @ W.T, X.T @ G]
+    if name == "narrow":
+        X, W = a
+        T = np.tanh(X @ W)
+        G = 2 * T * (1 - T * T)
+        return [np.sum(T * T)], [G @ W.T, X.T @ G]
     if name == "pointwise":
         x, y = a
         sig = lambda t: 1 / (1 + np.exp(-t))  # noqa: E731
@@ -196,6 +211,12 @@ def test_every_kind_of_nest_is_shared_or_deliberately_serial(compiled):
     assert any(c.startswith("out3 max=") and forms[c].starts for c in parallel)  # whole-box max, in chunks
     assert any("(x[i + 1] - x[i])**2" in c and forms[c].starts for c in parallel)  # whole-box sum, in chunks
     assert any(c.startswith("d_x_1[i + 1] +=") for c in parallel)  # accumulate into distinct outputs
+    # a turned tile (ten rows): threads share its column tiles
+    (turned,) = [n for c, n in forms.items() if c.startswith("d_W[k, i] +=") and n.tile is not None and n.tile.parallel_cols]
+    assert turned.parallel
+    c_source = compiled[("narrow", 2)].c_source
+    d_w = c_source[c_source.index("/* d_W[k, i] +=", c_source.index("int narrow_value_and_grad(")) :]
+    assert re.search(r"#pragma omp parallel for[^\n]*\n#endif\n\s*for \(ptrdiff_t col0", d_w[:800])
     # d_z[i + 1] += Z[j, i] over j, j outermost: rows j share every output, so the nest stays serial.
     shared = [c for c in forms if c.startswith("d_z[i + 1] +=")]
     assert shared and not any(forms[c].parallel for c in shared)
