@@ -503,8 +503,9 @@ class FunctionLowering:
         The exact reduction (any float) is most of the cost of sin and cos; the short one is
         exact only for |x| <= 2^19.  The innermost loop runs in blocks (a laned one already
         does); a block whose arguments are all that small, as nearly every block in practice,
-        runs the second body; a block with a larger, infinite or NaN argument runs the first.  Only arguments that are plain locals are checked (the usual
-        case after CSE); a nest with any other is left as it is.
+        runs the second body; a block with a larger, infinite or NaN argument runs the first.
+        Only arguments that are plain locals are checked (the usual case after CSE); a nest
+        with any other is left as it is.
         """
         calls = re.compile(r"\b(" + "|".join(NEAR_FORMS) + r")\(")
         args = re.compile(r"\b(?:" + "|".join(NEAR_FORMS) + r")\((\w+)\)")
