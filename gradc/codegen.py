@@ -491,7 +491,8 @@ class FunctionLowering:
             tile=tile,
             silent=tuple(v for v in loop_vars if not re.search(rf"\b{v}\b", "\n".join(body))),
         )
-        if self.ctype == "float" and (lanes or (plan.kind == "map" and nest.loops)):
+        # Not for tiles and dot products: their templates emit a body of their own.
+        if self.ctype == "float" and tile is None and (lanes or (plan.kind == "map" and nest.loops)):
             self.near_path(nest, local)
         if self.spec.threads > 1:
             self.parallelise(nest, group, plan, reductions, local)

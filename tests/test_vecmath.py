@@ -274,13 +274,32 @@ def test_sin_and_cos_in_laned_blocks_within_0_51_ulp(laned, region):
 
 def test_one_large_special_or_nan_argument_sends_its_block_to_the_exact_reduction(laned, compiled):
     x = np.linspace(-3, 3, 1000, dtype=np.float32)
+    block = slice(256, 512)  # the block of x[300]
     for odd in (np.float32(2.0**19 + 64), np.float32(1e30), np.inf, np.nan):
         y = x.copy()
         y[300] = odd
         s, c, total = laned(y)
-        np.testing.assert_array_equal(s, compiled["sin"](y))  # the map kernel always reduces exactly
-        np.testing.assert_array_equal(c, compiled["cos"](y))
+        # The same odd value at offset 44 of every block sends every block of the map
+        # kernels to the exact reduction: their bits are the exact body's.
+        every = x.copy()
+        every[44::256] = odd
+        np.testing.assert_array_equal(s[block], compiled["sin"](every)[block])
+        np.testing.assert_array_equal(c[block], compiled["cos"](every)[block])
+        assert_within_ulps("sin", y, s, exact("sin", y))
         assert np.isnan(total) == (not np.isfinite(odd))
+
+
+@gradc.kernel
+def sin_in_dot_products(X: f32[4, "K"], W: f32["M", "K"]):
+    t = X[:, None, :] * W[None, :, :]
+    return gradc.sum(gradc.sin(t) * t, axis=2)
+
+
+def test_dot_products_keep_the_exact_reduction_and_define_no_unused_helper():
+    # Their template has a body of its own: a second body would never be emitted, and clang's
+    # -Wunused-function would reject the helpers it needs.
+    c_source = gradc.compile(sin_in_dot_products, wrt=[]).c_source
+    assert "gradc_sinf(" in c_source and "gradc_sinf_near" not in c_source
 
 
 def test_sin_is_odd_and_cos_even_bit_for_bit(compiled):
