@@ -311,6 +311,14 @@ _memo: dict[tuple, CompiledKernel] = {}
 _traced_under: "weakref.WeakKeyDictionary[Kernel, str]" = weakref.WeakKeyDictionary()
 
 
+def _trace_under(k: Kernel, digest: str) -> Traced:
+    """``k``'s trace made while its fingerprint is ``digest``: traced again unless it already was."""
+    if _traced_under.get(k) != digest:
+        k.retrace()
+        _traced_under[k] = digest
+    return k.trace()
+
+
 class _Compiled(CompiledKernel):
     """A kernel from :func:`compile`.  Its extension holds :data:`FIRST_ENTRIES`; the other
     entry points are built on first use.  The compiler's intermediate results with every entry
@@ -339,10 +347,7 @@ class _Compiled(CompiledKernel):
                     f"was loaded, so its other entry points and its C cannot be made to match it: call "
                     f"gradc.compile on it again"
                 )
-            if _traced_under.get(self.kernel) != self._digest:
-                self.kernel.retrace()
-                _traced_under[self.kernel] = self._digest
-            self._traced = self.kernel.trace()
+            self._traced = _trace_under(self.kernel, self._digest)
         return self._traced
 
     @property
@@ -436,9 +441,7 @@ def compile(
         return cached
     compiled = _load_indexed(k, digest, key, options, cflags) if _indexed(options) else None
     if compiled is None:
-        if _traced_under.get(k) != digest:
-            k.retrace()
-            _traced_under[k] = digest
+        _trace_under(k, digest)
         compiled = _compile_traced(k, options, cflags)
         # A trace under a C profiler has generic names in its C: good for this process, but
         # not to be handed out as the kernel's build by its fingerprint.
