@@ -214,15 +214,6 @@ def compile_jobs() -> int:
     return min(cpus, cpu_quota() or cpus)
 
 
-def _run(command: list[str], workdir: Path) -> tuple[bool, str]:
-    """Run one compiler command: whether it failed, and what it printed."""
-    try:
-        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-        return result.returncode != 0, (result.stdout + result.stderr).strip()
-    except OSError as exc:  # the compiler vanished, or cannot be run
-        return True, str(exc)
-
-
 def _run_all(commands: Sequence[list[str]], order: Sequence[int], workdir: Path, jobs: int) -> dict[int, tuple[bool, str]]:
     """Run the compiler commands ``jobs`` at a time, in ``order``: whether each failed, and what
     it printed.  An exception here (Ctrl-C) kills the compilers still running, as
@@ -282,12 +273,13 @@ def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], li
     outcomes = _run_all(commands, order, workdir, compile_jobs())
     for i, c_file in enumerate(c_files):
         _check(outcomes[i], f"{module_name} (compiling {c_file.name})", cflags)
-    _check(_run(_link_command(objects, so, options), workdir), f"{module_name} (linking)", cflags)
+    (linked,) = _run_all([_link_command(objects, so, options)], [0], workdir, 1).values()
+    _check(linked, f"{module_name} (linking)", cflags)
     return so
 
 
 def _check(outcome: tuple[bool, str], what: str, cflags: Sequence[str]) -> None:
-    """Raise a BuildError for a failed compiler command (see :func:`_run`)."""
+    """Raise a BuildError for a failed compiler command (an outcome of :func:`_run_all`)."""
     failed, detail = outcome
     if not failed:
         return
