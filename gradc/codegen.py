@@ -198,9 +198,9 @@ class Rendered:
     header: str
     cdef: str
     functions: dict[str, list[Function]]  # kernel name -> its lowered entry points
-    #: The same functions as ``c_source``, one entry point per translation unit with the header
-    #: pasted in (the workspace sizes go with the first), so that the build can run one C
-    #: compiler per unit side by side and needs no files beside them.
+    #: With ``render(units=True)``: the same functions as ``c_source``, one entry point per
+    #: translation unit with the header pasted in (the workspace sizes go with the first), so
+    #: that the build can run one C compiler per unit side by side and needs no files beside them.
     units: tuple[str, ...] = ()
 
 
@@ -751,8 +751,9 @@ def repr_affine(a: ir.Affine, loop_vars) -> str:
     return s if a.offset == 0 else f"{s} + {a.offset}"
 
 
-def render(specs: Sequence[KernelSpec], module: str, *, prefix: str = "") -> Rendered:
-    """The ``.c``, the ``.h`` and cffi's declarations for the kernels of one module.
+def render(specs: Sequence[KernelSpec], module: str, *, prefix: str = "", units: bool = False) -> Rendered:
+    """The ``.c``, the ``.h`` and cffi's declarations for the kernels of one module, and with
+    ``units`` the translation units a build compiles (see :attr:`Rendered.units`).
 
     ``prefix`` is the one the specs' names were given (see :func:`gradc.compiler.lower`);
     the header guard takes it too, so one module compiled with two prefixes links together.
@@ -806,5 +807,5 @@ def render(specs: Sequence[KernelSpec], module: str, *, prefix: str = "") -> Ren
     cdef = "\n".join(
         line for line in template("cdef.h.j2").render(**ctx).splitlines() if line.strip()
     )
-    units = tuple(pasted(c_file([f], sizes=i == 0)) for i, f in enumerate(every))
-    return Rendered(module, c_source, header, cdef, functions, units)
+    built = tuple(pasted(c_file([f], sizes=i == 0)) for i, f in enumerate(every)) if units else ()
+    return Rendered(module, c_source, header, cdef, functions, built)

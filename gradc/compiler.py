@@ -282,7 +282,7 @@ def compile_many(
     if entries is not None:
         specs = [dataclasses.replace(spec, entries=[e for e in spec.entries if e.suffix in entries]) for spec in specs]
     progress("generating C (common subexpressions)")
-    rendered = codegen.render(specs, module, prefix=prefix)
+    rendered = codegen.render(specs, module, prefix=prefix, units=True)
     flags = list(cflags) if cflags else build.default_cflags()
     link_args: list[str] = []
     if any(l.spec.backend == "blas" for l in lowered):
