@@ -88,6 +88,10 @@ class Lane:
     block_size: int
 
 
+#: Operands of a tile to pack: the body line that loads each, to its local and (buffer, offset).
+Packed = dict[int, tuple[sp.Symbol, tuple[str, str]]]
+
+
 @dataclass
 class Tile:
     """A contraction computed in register tiles (see ``tile`` in gradc/schedule.py)."""
@@ -123,8 +127,11 @@ class Tile:
     store_tile: str  # out[...] = tile or wide
     store_acc: str
     body: list[str] = field(default_factory=list)  # one point of a full tile: packed operands read from their panels
+    edge_body: list[str] = field(default_factory=list)  # one point of a one-row tile: only the column panels
     silent: tuple[str, ...] = ()  # loop variables that body never reads
+    edge_silent: tuple[str, ...] = ()  # loop variables that edge_body never reads
     packs: list[str] = field(default_factory=list)  # panel[cols*r + gj] = operand: filling the panels of a column tile
+    row_packs: list[str] = field(default_factory=list)  # panel[R*row0 + rows*r + gi] = operand: the row tiles' panels
     lanes: int = 0  # "dots": each cell of the tile is a dot product in this many lanes
     lane_update: str = ""
     tail_update: str = ""
@@ -458,7 +465,8 @@ class FunctionLowering:
         if plan.kind in ("tile", "dots"):
             tile = self.tile(group[0], plan, loop_vars, local, tile_term)
             packed = {load_line[k]: (loads[k], k) for k in (operand_keys[i] for i in plan.pack)}
-            self.pack(tile, packed, body, group[0])
+            packed_rows = {load_line[k]: (loads[k], k) for k in (operand_keys[i] for i in plan.pack_rows)}
+            self.pack(tile, packed, packed_rows, body, group[0])
         lane = None
         if lanes:
             v = loop_vars[plan.order[-1]]
@@ -630,23 +638,40 @@ class FunctionLowering:
             **extra,
         )
 
-    def pack(self, tile: Tile, packed: dict[int, tuple[sp.Symbol, tuple[str, str]]], body: list[str], node: ir.Map) -> None:
+    def pack(self, tile: Tile, packed: Packed, packed_rows: Packed, body: list[str], node: ir.Map) -> None:
         """Give the full tiles a body that reads the packed operands from their panels.
 
-        ``packed`` maps the body line that loads an operand to its local and (buffer, offset).
-        Each packed operand gets a panel of (reduction extent) x cols elements in the
-        workspace, refilled for every column tile: row tiles then read one contiguous vector
-        per reduction step instead of a strided (or transposed) row of the operand.
+        ``packed`` and ``packed_rows`` map the body line that loads an operand to its local
+        and (buffer, offset).  Each of ``packed`` gets a panel of (reduction extent) x cols
+        elements in the workspace, refilled for every column tile: row tiles then read one
+        contiguous vector per reduction step instead of a strided (or transposed) row of the
+        operand.  Each of ``packed_rows`` gets a panel of (row extent) x (reduction extent)
+        elements, filled once: the reduction steps of a row tile are ``rows`` elements apart
+        there.  The one-row tiles at the bottom edge read those operands where they are.
         """
         tile.body = list(body)
         used: dict[sp.Expr, int] = {}
+        r, r_extent = tile.reds[0]
         size = ir.num_elements([node.loop[v] for v in node.reduced_vars()]) * tile.cols
         for at, (name, (buf, offset)) in sorted(packed.items()):
             panel = self.panel(size, used)
-            place = f"{tile.cols}*{tile.reds[0][0]} + {tile.gj}"
+            place = f"{tile.cols}*{r} + {tile.gj}"
             tile.packs.append(f"{panel}[{place}] = {buf}[{offset}];")
             tile.body[at] = f"const {self.ctype} {name} = {panel}[{place}];"
-        tile.silent = tuple(v for v in (tile.row[0] if tile.row else None, tile.col[0]) if v and not re.search(rf"\b{v}\b", "\n".join(tile.body)))
+        tile.edge_body = list(tile.body)
+        if packed_rows:
+            row, red = node.out_vars()[-2], node.reduced_vars()[0]
+            size = ir.num_elements([node.loop[row], node.loop[red]])
+            stride = r_extent if re.fullmatch(r"\w+", r_extent) else f"({r_extent})"
+            for at, (name, (buf, offset)) in sorted(packed_rows.items()):
+                panel = self.panel(size, used)
+                place = f"{stride}*{tile.row0} + {tile.rows}*{r} + {tile.gi}"
+                tile.row_packs.append(f"{panel}[{place}] = {buf}[{offset}];")
+                tile.body[at] = f"const {self.ctype} {name} = {panel}[{place}];"
+        tile.silent, tile.edge_silent = (
+            tuple(v for v in (tile.row[0] if tile.row else None, tile.col[0]) if v and not re.search(rf"\b{v}\b", "\n".join(lines)))
+            for lines in (tile.body, tile.edge_body)
+        )
 
     def panel(self, size: sp.Expr, used: dict[sp.Expr, int]) -> str:
         """A workspace buffer of ``size`` elements for one packed operand of a nest.

@@ -17,7 +17,9 @@ the results stay IEEE and reproducible (no ``-ffast-math``):
   operand feeds several multiply-adds.  Operands read along the columns and the reduction
   but not the rows (B of A·B, Bᵀ of A·Bᵀ, G of Xᵀ·G) are first *packed*: for each column
   tile, copied into a contiguous panel of the workspace that every row tile then streams
-  through (strided or transposed reads happen once, not once per row tile).  Sums are
+  through (strided or transposed reads happen once, not once per row tile).  An operand
+  read along the rows but strided along the reduction (X of Xᵀ·G) is packed once into
+  panels of row tiles, which every column tile then streams.  Sums are
   blocked like lanes: each block of ``BLOCK`` reduction steps is added into a double tile
   (a sum over one fixed extent of at most ``BLOCK`` is a single block and needs none).
   Rows left over at the bottom edge run as tiles of one row; columns left over at the
@@ -86,6 +88,7 @@ class Schedule:
     lanes: bool  # the innermost loop runs in lanes (it is a reduction loop)
     tile: tuple[int | None, int] | None = None  # "tile", "dots": (row variable or None, column variable)
     pack: tuple[int, ...] = ()  # "tile": operands (by position) copied into a panel per column tile
+    pack_rows: tuple[int, ...] = ()  # "tile": operands (by position) copied once into panels of row tiles
 
 
 def _coefficient(shape: Sequence[ir.Extent], index: ir.IndexMap, var: int) -> sp.Expr:
@@ -144,7 +147,10 @@ def _packed_tile(node: ir.Map) -> Schedule | None:
     The columns are the innermost output axis, which must be unit-stride in the output.  An
     operand that the columns and the reduction index but the rows do not is packed, whatever
     its strides; any other operand must be unit-stride or invariant along the columns, so
-    that a tile row is one vector of it.
+    that a tile row is one vector of it.  An operand of the rows and the reduction that is
+    strided along the reduction (X of Xᵀ·G) is packed too, once for all column tiles, when
+    there are several: each row tile then streams a contiguous panel, where it would read
+    a cache line per reduction step and the whole operand again for every column tile.
     """
     out_vars, red_vars = node.out_vars(), node.reduced_vars()
     if len(out_vars) < 2 or len(red_vars) != 1:
@@ -155,15 +161,24 @@ def _packed_tile(node: ir.Map) -> Schedule | None:
     # A panel pays for its copy only when several row tiles read it.
     if _coefficient(node.shape, node.out_index, col) != 1 or (rows.is_Integer and rows <= TILE_ROWS):
         return None
-    pack = []
+    cols = sp.sympify(node.loop[col])
+    pack, pack_rows = [], []
     for i, op in enumerate(node.operands):
         if _uses(op.index, col) and _uses(op.index, red) and not _uses(op.index, row) and op.node.dtype != "bool":
             pack.append(i)
         elif _coefficient(op.node.shape, op.index, col) not in (0, 1):
             return None
+        elif (
+            _uses(op.index, row)
+            and not _uses(op.index, col)
+            and _coefficient(op.node.shape, op.index, red) not in (0, 1)
+            and op.node.dtype != "bool"
+            and not (cols.is_Integer and cols <= TILE_COLS)
+        ):
+            pack_rows.append(i)
     if not pack:
         return None
-    return Schedule("tile", tuple(outer + [col, row, red]), len(outer), False, (row, col), tuple(pack))
+    return Schedule("tile", tuple(outer + [col, row, red]), len(outer), False, (row, col), tuple(pack), tuple(pack_rows))
 
 
 def _turned_tile(node: ir.Map) -> Schedule | None:

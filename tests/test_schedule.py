@@ -134,9 +134,25 @@ def test_weight_gradient_is_tiled():
     row, col = plan.tile
     assert (d_W.loop[row], d_W.loop[col]) == (K, M)
     assert [d_W.loop[v] for v in d_W.reduced_vars()] == [N]
-    # the cotangent's column tile (n, m) is packed; X is read one row tile (n, k) at a time
+    # the cotangent's column tile (n, m) is packed; X, strided along n, once into row panels
     (packed,) = plan.pack
     assert [a.var for a in d_W.operands[packed].index] == [d_W.reduced_vars()[0], col]
+    (packed_rows,) = plan.pack_rows
+    assert d_W.operands[packed_rows].node.param == "X"
+    # X·W reads X contiguously along its reduction (k): no row panel
+    assert not schedule.schedule(entry_outputs(matmul, "forward")["out"]).pack_rows
+
+
+@gradc.kernel
+def few_columns(X: f32["N", "K"], W: f32["K", 32]):
+    return X @ W
+
+
+def test_row_panels_only_for_several_column_tiles():
+    # one column tile reads X once anyway: a row panel would only add a copy
+    d_W = entry_outputs(few_columns, "vjp")["d_W"]
+    plan = schedule.schedule(d_W)
+    assert plan.kind == "tile" and plan.pack and not plan.pack_rows
 
 
 @gradc.kernel

@@ -217,6 +217,9 @@ def test_every_kind_of_nest_is_shared_or_deliberately_serial(compiled):
     c_source = compiled[("narrow", 2)].c_source
     d_w = c_source[c_source.index("/* d_W[k, i] +=", c_source.index("int narrow_value_and_grad(")) :]
     assert re.search(r"#pragma omp parallel for[^\n]*\n#endif\n\s*for \(ptrdiff_t col0", d_w[:800])
+    # the weight gradient's row panels are filled by the team too, one row tile per iteration
+    c_source = compiled[("layer", 2)].c_source
+    assert re.search(r"/\* operands strided along the reduction[^\n]*\n#ifdef _OPENMP\n\s*#pragma omp parallel for", c_source)
     # d_z[i + 1] += Z[j, i] over j, j outermost: rows j share every output, so the nest stays serial.
     shared = [c for c in forms if c.startswith("d_z[i + 1] +=")]
     assert shared and not any(forms[c].parallel for c in shared)

@@ -293,12 +293,12 @@ def test_stats_of_the_custom_layer(layer):
         assert int(nests) == len(loop_nests(layer.c_source, function)), function
         assert int(before) > 0 and int(after) > 0
     assert rows["custom_layer_forward"][3] == "4*(32*K + M*N) bytes (+ padding, 2 buffers)"
-    assert rows["custom_layer_value_and_grad"][3] == "8*(16*K + M*N + 16*M + 16*N) bytes (+ padding, 5 buffers)"
+    assert rows["custom_layer_value_and_grad"][3] == "4*(K*N + 32*K + 2*M*N + 32*M + 32*N) bytes (+ padding, 6 buffers)"
 
 
 def test_stats_workspace_formula_is_the_workspace_size(layer):
-    # N*M a multiple of 16 elements: no padding, so the largest formula is what the C reports.
-    dims = {"N": 4, "K": 3, "M": 8}
+    # N*M and N*K multiples of 16 elements: no padding, so the largest formula is what the C reports.
+    dims = {"N": 4, "K": 4, "M": 8}
     rows = stats_rows(layer.show("stats"))
     symbols = {d: sp.Symbol(d) for d in dims}  # "N" alone would parse as SymPy's N()
     values = {symbols[d]: v for d, v in dims.items()}
@@ -308,7 +308,7 @@ def test_stats_workspace_formula_is_the_workspace_size(layer):
 
 def test_stats_in_f64_and_without_workspace(compiled):
     stats64 = view_without_building(compiled["custom_layer"].kernel, "stats", dtype="f64")
-    assert "16*(8*K + M*N + 8*M + 8*N) bytes (+ padding, 5 buffers)" in stats64
+    assert "16*(K*N + 16*K + 2*M*N + 16*M + 16*N) bytes (+ padding, 12 buffers)" in stats64
     rows = stats_rows(compiled["computation_graph"].show("stats"))
     assert all(row[3] == "none" for row in rows.values())
 

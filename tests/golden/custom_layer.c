@@ -163,13 +163,13 @@ size_t custom_layer_workspace_size(ptrdiff_t N, ptrdiff_t K, ptrdiff_t M)
     if (N < 0 || K < 0 || M < 0) return 0;
     gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K));  /* custom_layer_forward */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*N));  /* custom_layer_value_and_grad */
+    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*N) + gradc_round_up(K*N));  /* custom_layer_value_and_grad */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*N));  /* custom_layer_vjp */
+    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*N) + gradc_round_up(K*N));  /* custom_layer_vjp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
     gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*K));  /* custom_layer_jvp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
-    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M) + gradc_round_up(32*N) + gradc_round_up(32*N));  /* custom_layer_hvp */
+    gradc_n = (size_t)(gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M) + gradc_round_up(32*N) + gradc_round_up(32*N) + gradc_round_up(K*N) + gradc_round_up(K*N));  /* custom_layer_hvp */
     if (gradc_n > gradc_need) gradc_need = gradc_n;
     return gradc_need * sizeof(float);
 }
@@ -366,6 +366,7 @@ int custom_layer_value_and_grad(
     float *restrict d_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K);  /* M*N elements */
     float *restrict panel_1 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N);  /* 32*M elements */
     float *restrict panel_2 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M);  /* 32*N elements */
+    float *restrict panel_3 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*N);  /* K*N elements */
 
     /* matmul[n, m] += W[k, m]*X[n, k]   (over k)   [custom_layer.py: line 15] */
     {
@@ -628,6 +629,15 @@ int custom_layer_value_and_grad(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
+        /* operands strided along the reduction, in one panel per row tile for every column tile */
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+            for (ptrdiff_t n = 0; n < N; ++n) {
+                for (int gi = 0; gi < 8; ++gi) {
+                    const ptrdiff_t k = row0 + gi;
+                    panel_3[N*row0 + 8*n + gi] = X[K*n + k];
+                }
+            }
+        }
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
             for (ptrdiff_t n = 0; n < N; ++n) {
                 for (int gj = 0; gj < 32; ++gj) {
@@ -648,10 +658,11 @@ int custom_layer_value_and_grad(
                         for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t k = row0 + gi;
+                                (void)k;
                                 const ptrdiff_t m = col0 + gj;
                                 (void)m;
                                 const float d_matmul_nm = panel_2[32*n + gj];
-                                const float X_nk = X[K*n + k];
+                                const float X_nk = panel_3[N*row0 + 8*n + gi];
                                 const float term_d_W = X_nk*d_matmul_nm;
                                 tile[gi][gj] += term_d_W;
                             }
@@ -742,6 +753,7 @@ int custom_layer_vjp(
     float *restrict d_matmul = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K);  /* M*N elements */
     float *restrict panel_1 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N);  /* 32*M elements */
     float *restrict panel_2 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M);  /* 32*N elements */
+    float *restrict panel_3 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*N);  /* K*N elements */
 
     /* matmul[n, m] += W[k, m]*X[n, k]   (over k)   [custom_layer.py: line 15] */
     {
@@ -1008,6 +1020,15 @@ int custom_layer_vjp(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
+        /* operands strided along the reduction, in one panel per row tile for every column tile */
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+            for (ptrdiff_t n = 0; n < N; ++n) {
+                for (int gi = 0; gi < 8; ++gi) {
+                    const ptrdiff_t k = row0 + gi;
+                    panel_3[N*row0 + 8*n + gi] = X[K*n + k];
+                }
+            }
+        }
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
             for (ptrdiff_t n = 0; n < N; ++n) {
                 for (int gj = 0; gj < 32; ++gj) {
@@ -1028,10 +1049,11 @@ int custom_layer_vjp(
                         for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t k = row0 + gi;
+                                (void)k;
                                 const ptrdiff_t m = col0 + gj;
                                 (void)m;
                                 const float d_matmul_nm = panel_2[32*n + gj];
-                                const float X_nk = X[K*n + k];
+                                const float X_nk = panel_3[N*row0 + 8*n + gi];
                                 const float term_d_W = X_nk*d_matmul_nm;
                                 tile[gi][gj] += term_d_W;
                             }
@@ -1469,6 +1491,8 @@ int custom_layer_hvp(
     float *restrict panel_3 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M);  /* 32*M elements */
     float *restrict panel_4 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M);  /* 32*N elements */
     float *restrict panel_5 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M) + gradc_round_up(32*N);  /* 32*N elements */
+    float *restrict panel_6 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M) + gradc_round_up(32*N) + gradc_round_up(32*N);  /* K*N elements */
+    float *restrict panel_7 = (float *)workspace + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(M*N) + gradc_round_up(32*K) + gradc_round_up(M*N) + gradc_round_up(32*M) + gradc_round_up(32*M) + gradc_round_up(32*N) + gradc_round_up(32*N) + gradc_round_up(K*N);  /* K*N elements */
 
     /* matmul[n, m] += W[k, m]*X[n, k]   (over k)   [custom_layer.py: line 15] */
     {
@@ -1820,6 +1844,16 @@ int custom_layer_hvp(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
+        /* operands strided along the reduction, in one panel per row tile for every column tile */
+        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+            for (ptrdiff_t n = 0; n < N; ++n) {
+                for (int gi = 0; gi < 8; ++gi) {
+                    const ptrdiff_t k = row0 + gi;
+                    panel_6[N*row0 + 8*n + gi] = X[K*n + k];
+                    panel_7[N*row0 + 8*n + gi] = v_X[K*n + k];
+                }
+            }
+        }
         for (ptrdiff_t col0 = 0; col0 < col_full; col0 += 32) {
             for (ptrdiff_t n = 0; n < N; ++n) {
                 for (int gj = 0; gj < 32; ++gj) {
@@ -1841,12 +1875,13 @@ int custom_layer_hvp(
                         for (int gi = 0; gi < 8; ++gi) {
                             for (int gj = 0; gj < 32; ++gj) {
                                 const ptrdiff_t k = row0 + gi;
+                                (void)k;
                                 const ptrdiff_t m = col0 + gj;
                                 (void)m;
                                 const float d_matmul_nm = panel_4[32*n + gj];
-                                const float X_nk = X[K*n + k];
+                                const float X_nk = panel_6[N*row0 + 8*n + gi];
                                 const float t_d_matmul_nm = panel_5[32*n + gj];
-                                const float v_X_nk = v_X[K*n + k];
+                                const float v_X_nk = panel_7[N*row0 + 8*n + gi];
                                 const float term_hv_W = X_nk*t_d_matmul_nm + d_matmul_nm*v_X_nk;
                                 tile[gi][gj] += term_hv_W;
                             }
