@@ -20,7 +20,7 @@ import jinja2
 import sympy as sp
 
 from . import __version__, blas, build, ir, schedule
-from .printer import NEAR_BOUND, NEAR_FORMS, VECTOR_MATH_NEEDS, VECTOR_MATH_ORDER, GradcCPrinter, IndexPrinter
+from .printer import NEAR_BOUND, VECTOR_MATH_ORDER, GradcCPrinter, IndexPrinter
 from .scalar import lower_for_c
 
 LOOP_VARS = "ijklmnpqrstuvw"
@@ -408,9 +408,17 @@ class FunctionLowering:
         # multiset matching and once dropped a factor; f(x)**2 prints as f(x)*f(x), and the
         # C compiler merges the two pure calls.
         temps, values = sp.cse([lower_for_c(e) for e in exprs], symbols=symbols)
+        printed: dict[int, tuple[str, sp.Expr, str]] = {}  # the body lines that print an expression
+
+        def emit(before: str, expr: sp.Expr, after: str = ";") -> None:
+            printed[len(body)] = (before, expr, after)
+            body.append(before + self.fp.doprint(expr) + after)
+
+        computed = {}  # each CSE temporary: its expression and its line
         for sym, e in temps:
             kind = "int" if isinstance(e, sp.logic.boolalg.Boolean) else self.ctype
-            body.append(f"const {kind} {sym} = {self.fp.doprint(e)};")
+            emit(f"const {kind} {sym} = ", e)
+            computed[sym] = (e, body[-1])
 
         init, accs, finish, updates = [], [], [], []
         reductions = []  # (accumulator, its C type, reduce) of each whole-box or per-output reduction
@@ -418,23 +426,19 @@ class FunctionLowering:
         for node, value in zip(group, values):
             out = self.buffers[node.id]
             out_idx = self.linear(node.shape, node.out_index, var_syms)
-            if node.dtype == "bool" and isinstance(value, sp.logic.boolalg.Boolean):
-                val = f"{self.fp.doprint(value)} ? 1 : 0"
-            else:
-                val = self.fp.doprint(value)
+            after = " ? 1 : 0;" if node.dtype == "bool" and isinstance(value, sp.logic.boolalg.Boolean) else ";"
             if node.reduce is None:
-                body.append(f"{out}[{out_idx}] = {val};")
+                emit(f"{out}[{out_idx}] = ", value, after)
                 continue
             term = local.take(f"term_{out}")
+            emit(f"const {self.ctype} {term} = ", value, after)
             if plan.kind in ("tile", "dots"):
-                body.append(f"const {self.ctype} {term} = {val};")
                 tile_term = term
                 continue
             if plan.kind == "accumulate":
                 size = self.index(ir.num_elements(node.shape))
                 e = local.take("e")
                 init.append(f"for (ptrdiff_t {e} = 0; {e} < {size}; ++{e}) {out}[{e}] = {self.identity(node.reduce)};")
-                body.append(f"const {self.ctype} {term} = {val};")
                 updates.append(Update(direct_update=self.update(f"{out}[{out_idx}]", term, node.reduce)))
                 continue
             acc = local.take(f"acc_{out}")
@@ -442,7 +446,6 @@ class FunctionLowering:
             accs.append(f"{acc_type} {acc} = {self.identity(node.reduce)};")
             reductions.append((acc, acc_type, node.reduce))
             finish.append(f"{out}[{out_idx}] = {'(' + self.ctype + ')' if acc_type != self.ctype else ''}{acc};")
-            body.append(f"const {self.ctype} {term} = {val};")
             if not lanes:
                 updates.append(Update(direct_update=self.update(acc, term, node.reduce)))
                 continue
@@ -501,46 +504,55 @@ class FunctionLowering:
         )
         # Not for tiles and dot products: their templates emit a body of their own.
         if self.ctype == "float" and tile is None and (lanes or (plan.kind == "map" and nest.loops)):
-            self.near_path(nest, local)
+            loaded = {loads[k]: body[load_line[k]] for k in loads}
+            self.near_path(nest, local, printed, loaded, computed)
         if self.spec.threads > 1:
             self.parallelise(nest, group, plan, reductions, local)
         return nest
 
-    def near_path(self, nest: Nest, local: Names) -> None:
+    def near_path(
+        self, nest: Nest, local: Names, printed: dict[int, tuple[str, sp.Expr, str]], loaded: dict[sp.Symbol, str], computed: dict[sp.Symbol, tuple[sp.Expr, str]]
+    ) -> None:
         """Give a nest that calls sin or cos a second body with their short reduction.
 
         The exact reduction (any float) is most of the cost of sin and cos; the short one is
         exact only for |x| <= 2^19.  The innermost loop runs in blocks (a laned one already
         does); a block whose arguments are all that small, as nearly every block in practice,
         runs the second body; a block with a larger, infinite or NaN argument runs the first.
-        Only arguments that are plain locals are checked (the usual case after CSE); a nest
-        with any other is left as it is.
+
+        ``printed`` holds the body lines that print an expression, by position, as (text
+        before, expression, text after): the second body prints them again with the near
+        forms.  The scan before each block computes every argument from what it is made of:
+        operand loads (``loaded``: local -> line) and CSE temporaries (``computed``: local ->
+        expression and line).  The C compiler may contract the scan's arithmetic differently
+        from the body's; that moves an argument by an ulp, well inside the short reduction's
+        margin (it is exact up to about 2^20).
         """
-        calls = re.compile(r"\b(" + "|".join(NEAR_FORMS) + r")\(")
-        args = re.compile(r"\b(?:" + "|".join(NEAR_FORMS) + r")\((\w+)\)")
-        text = "\n".join(nest.body)
-        found = args.findall(text)
-        if not found or len(found) != len(calls.findall(text)):
+        args = list(dict.fromkeys(a for _, e, _ in printed.values() for a in self.fp.near_arguments(e)))
+        if not args:
             return
         nest.near = local.take("near")
         if nest.lane is None:  # a plain innermost loop: it runs in blocks, each scanned first
             v = nest.loops[-1][0]
             nest.lane = Lane(local.take(f"{v}_block"), local.take(f"{v}_end"), "", "", schedule.BLOCK)
-        # The scan computes only the locals the arguments are made of.
-        definition = re.compile(r"const \w+ (\w+) = (.*);$")
-        defined = {m.group(1): (line, set(re.findall(r"\b\w+\b", m.group(2)))) for line in nest.body if (m := definition.match(line))}
-        needed, todo = set(), list(dict.fromkeys(found))
+        needed: set[sp.Symbol] = set()
+        todo = [sym for a in args for sym in a.free_symbols]
         while todo:
-            name = todo.pop()
-            if name in defined and name not in needed:
-                needed.add(name)
-                todo.extend(defined[name][1])
-        nest.near_scan = [line for name, (line, _) in defined.items() if name in needed]
-        nest.near_check = f"{nest.near} &= " + " & ".join(f"(fabsf({a}) <= {NEAR_BOUND})" for a in dict.fromkeys(found)) + ";"
-        nest.near_body = [calls.sub(lambda m: NEAR_FORMS[m.group(1)] + "(", line) for line in nest.body]
-        for name in set(calls.findall(text)):
-            self.fp.helpers.add(NEAR_FORMS[name])
-            self.fp.helpers.update(VECTOR_MATH_NEEDS[NEAR_FORMS[name]])
+            sym = todo.pop()
+            if sym not in needed:
+                needed.add(sym)
+                todo.extend(computed[sym][0].free_symbols if sym in computed else ())
+        nest.near_scan = [line for sym, line in loaded.items() if sym in needed]
+        nest.near_scan += [line for sym, (_, line) in computed.items() if sym in needed]
+        checks = " & ".join(f"(fabsf({self.fp.doprint(a)}) <= {NEAR_BOUND})" for a in args)
+        nest.near_check = f"{nest.near} &= {checks};"
+        self.fp.near = True
+        try:
+            nest.near_body = list(nest.body)
+            for i, (before, e, after) in printed.items():
+                nest.near_body[i] = before + self.fp.doprint(e) + after
+        finally:
+            self.fp.near = False
 
     def parallelise(self, nest: Nest, group: list[ir.Map], plan, reductions, local: Names) -> None:
         """Share the nest's outermost loop between threads (see ``parallel_form`` in gradc/schedule.py)."""

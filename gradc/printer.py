@@ -78,12 +78,24 @@ class GradcCPrinter(C99CodePrinter):
         self.suffix = "f" if dtype == "f32" else ""
         self.vector_math = vector_math and dtype == "f32"
         self.helpers: set[str] = set()
+        #: print sin and cos in their forms for |x| <= 2^19 (NEAR_FORMS), for the second body
+        #: of a loop nest that checks its arguments first (codegen's near_path)
+        self.near = False
+
+    def _helper(self, name: str, arg) -> str | None:
+        return VECTOR_MATH.get(name) if self.vector_math and not arg.is_number else None
+
+    def near_arguments(self, expr: sp.Expr) -> list[sp.Expr]:
+        """The arguments of the sin and cos calls in ``expr`` that print as a helper with a near form."""
+        return [f.args[0] for f in expr.atoms(sp.sin, sp.cos) if self._helper(type(f).__name__, f.args[0]) in NEAR_FORMS]
 
     def _call(self, name: str, arg) -> str:
         """``name(arg)`` in this precision, through a vectorisable helper where there is one."""
-        helper = VECTOR_MATH.get(name) if self.vector_math and not arg.is_number else None
+        helper = self._helper(name, arg)
         if helper is None:
             return f"{self.fn(name)}({self._print(arg)})"
+        if self.near:
+            helper = NEAR_FORMS.get(helper, helper)
         self.helpers.add(helper)
         self.helpers.update(VECTOR_MATH_NEEDS.get(helper, ()))
         return f"{helper}({self._print(arg)})"

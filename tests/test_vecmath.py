@@ -290,6 +290,30 @@ def test_one_large_special_or_nan_argument_sends_its_block_to_the_exact_reductio
 
 
 @gradc.kernel
+def sin_of_expressions(x: f32["N"], v: f32["N"]):
+    # arguments that are expressions, not plain locals: each block checks them as computed
+    return gradc.sin(x * v), gradc.cos(3 * x), gradc.sin(x[1:] - x[:-1])
+
+
+def test_arguments_that_are_expressions_take_the_short_reduction_too():
+    k = gradc.compile(sin_of_expressions, wrt=[])
+    forward = k.c_source[k.c_source.index("int sin_of_expressions_forward(") :]
+    forward = forward[: forward.index("return GRADC_OK;")]
+    assert re.findall(r"near &= (.*);", forward) == [
+        "(fabsf(v_n*x_n) <= 0x1p19f) & (fabsf(3*x_n) <= 0x1p19f)",
+        "(fabsf(x_i - x_v) <= 0x1p19f)",
+    ]
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-100, 100, 1000).astype(np.float32)
+    v = rng.uniform(-100, 100, 1000).astype(np.float32)
+    v[300] = 1e30  # one product far beyond 2^19: its block takes the exact reduction
+    s, c, d = k(x, v)
+    assert_within_ulps("sin", x * v, s, exact("sin", x * v))
+    assert_within_ulps("cos", 3 * x, c, exact("cos", 3 * x))
+    assert_within_ulps("sin", x[1:] - x[:-1], d, exact("sin", x[1:] - x[:-1]))
+
+
+@gradc.kernel
 def sin_in_dot_products(X: f32[4, "K"], W: f32["M", "K"]):
     t = X[:, None, :] * W[None, :, :]
     return gradc.sum(gradc.sin(t) * t, axis=2)
