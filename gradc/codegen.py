@@ -131,7 +131,13 @@ class Tile:
     silent: tuple[str, ...] = ()  # loop variables that body never reads
     edge_silent: tuple[str, ...] = ()  # loop variables that edge_body never reads
     packs: list[str] = field(default_factory=list)  # panel[cols*r + gj] = operand: filling the panels of a column tile
-    row_packs: list[str] = field(default_factory=list)  # panel[R*row0 + rows*r + gi] = operand: the row tiles' panels
+    #: operands strided along the reduction (see row_panels): whether they are read from panels
+    #: (``use_panels``, set by ``panel_test``), the lines that fill them, and each row tile's
+    #: view of them (a pointer and the distance between reduction steps)
+    use_panels: str = ""
+    panel_test: str = ""
+    row_packs: list[str] = field(default_factory=list)
+    row_views: list[str] = field(default_factory=list)
     lanes: int = 0  # "dots": each cell of the tile is a dot product in this many lanes
     lane_update: str = ""
     tail_update: str = ""
@@ -468,8 +474,15 @@ class FunctionLowering:
         if plan.kind in ("tile", "dots"):
             tile = self.tile(group[0], plan, loop_vars, local, tile_term)
             packed = {load_line[k]: (loads[k], k) for k in (operand_keys[i] for i in plan.pack)}
-            packed_rows = {load_line[k]: (loads[k], k) for k in (operand_keys[i] for i in plan.pack_rows)}
-            self.pack(tile, packed, packed_rows, body, group[0])
+            used: dict[sp.Expr, int] = {}  # the panels of each size this nest has taken (see panel)
+            self.pack(tile, packed, body, group[0], used)
+            if plan.pack_rows:
+                rows = {load_line[operand_keys[i]]: (loads[operand_keys[i]], head.operands[i]) for i in plan.pack_rows}
+                self.row_panels(tile, rows, head, var_syms, local, used)
+            tile.silent, tile.edge_silent = (
+                tuple(v for v in (tile.row[0] if tile.row else None, tile.col[0]) if v and not re.search(rf"\b{v}\b", "\n".join(lines)))
+                for lines in (tile.body, tile.edge_body)
+            )
         lane = None
         if lanes:
             v = loop_vars[plan.order[-1]]
@@ -650,20 +663,16 @@ class FunctionLowering:
             **extra,
         )
 
-    def pack(self, tile: Tile, packed: Packed, packed_rows: Packed, body: list[str], node: ir.Map) -> None:
+    def pack(self, tile: Tile, packed: Packed, body: list[str], node: ir.Map, used: dict[sp.Expr, int]) -> None:
         """Give the full tiles a body that reads the packed operands from their panels.
 
-        ``packed`` and ``packed_rows`` map the body line that loads an operand to its local
-        and (buffer, offset).  Each of ``packed`` gets a panel of (reduction extent) x cols
-        elements in the workspace, refilled for every column tile: row tiles then read one
-        contiguous vector per reduction step instead of a strided (or transposed) row of the
-        operand.  Each of ``packed_rows`` gets a panel of (row extent) x (reduction extent)
-        elements, filled once: the reduction steps of a row tile are ``rows`` elements apart
-        there.  The one-row tiles at the bottom edge read those operands where they are.
+        ``packed`` maps the body line that loads an operand to its local and (buffer, offset).
+        Each packed operand gets a panel of (reduction extent) x cols elements in the
+        workspace, refilled for every column tile: row tiles then read one contiguous vector
+        per reduction step instead of a strided (or transposed) row of the operand.
         """
         tile.body = list(body)
-        used: dict[sp.Expr, int] = {}
-        r, r_extent = tile.reds[0]
+        r = tile.reds[0][0]
         size = ir.num_elements([node.loop[v] for v in node.reduced_vars()]) * tile.cols
         for at, (name, (buf, offset)) in sorted(packed.items()):
             panel = self.panel(size, used)
@@ -671,19 +680,39 @@ class FunctionLowering:
             tile.packs.append(f"{panel}[{place}] = {buf}[{offset}];")
             tile.body[at] = f"const {self.ctype} {name} = {panel}[{place}];"
         tile.edge_body = list(tile.body)
-        if packed_rows:
-            row, red = node.out_vars()[-2], node.reduced_vars()[0]
-            size = ir.num_elements([node.loop[row], node.loop[red]])
-            stride = r_extent if re.fullmatch(r"\w+", r_extent) else f"({r_extent})"
-            for at, (name, (buf, offset)) in sorted(packed_rows.items()):
-                panel = self.panel(size, used)
-                place = f"{stride}*{tile.row0} + {tile.rows}*{r} + {tile.gi}"
-                tile.row_packs.append(f"{panel}[{place}] = {buf}[{offset}];")
-                tile.body[at] = f"const {self.ctype} {name} = {panel}[{place}];"
-        tile.silent, tile.edge_silent = (
-            tuple(v for v in (tile.row[0] if tile.row else None, tile.col[0]) if v and not re.search(rf"\b{v}\b", "\n".join(lines)))
-            for lines in (tile.body, tile.edge_body)
-        )
+
+    def row_panels(
+        self, tile: Tile, rows: dict[int, tuple[sp.Symbol, ir.Operand]], node: ir.Map, var_syms, local: Names, used: dict[sp.Expr, int]
+    ) -> None:
+        """Let the full tiles read the operands ``rows`` (body line -> local, operand: contiguous
+        along the rows, strided along the reduction) through a view of each row tile: a panel
+        of (row extent) x (reduction extent) elements, filled once before the column tiles,
+        where the reduction steps of a row tile are ``rows`` elements apart, when the operand
+        is too large to stay in cache (``schedule.ROW_PANEL_MIN_BYTES``); else the operand
+        itself.  The one-row tiles at the bottom edge read the operands where they are."""
+        row, red = node.out_vars()[-2], node.reduced_vars()[0]
+        r, r_extent = tile.reds[0]
+        dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
+        size = ir.num_elements([node.loop[row], node.loop[red]])
+        tile.use_panels = local.take("row_panels")
+        min_elements = schedule.ROW_PANEL_MIN_BYTES // (4 if self.ctype == "float" else 8)
+        tile.panel_test = f"{self.index(size.xreplace(dims))} >= {min_elements}"
+        first_row = list(var_syms)
+        first_row[row], first_row[red] = sp.Symbol(tile.row0, integer=True), sp.Integer(0)
+        r_stride = r_extent if re.fullmatch(r"\w+", r_extent) else f"({r_extent})"
+        for at, (name, op) in sorted(rows.items()):
+            buf = self.buffers[op.node.id]
+            panel = self.panel(size, used)
+            view, step = local.take(f"{buf}_rows"), local.take(f"{buf}_step")
+            offset = self.linear(op.node.shape, op.index, var_syms)
+            tile.row_packs.append(f"{panel}[{r_stride}*{tile.row0} + {tile.rows}*{r} + {tile.gi}] = {buf}[{offset}];")
+            base = self.linear(op.node.shape, op.index, first_row)
+            stride = self.index(schedule.coefficient(op.node.shape, op.index, red).xreplace(dims))
+            tile.row_views += [
+                f"const {self.ctype} *{view} = {tile.use_panels} ? {panel} + {r_stride}*{tile.row0} : {buf} + {base};",
+                f"const ptrdiff_t {step} = {tile.use_panels} ? {tile.rows} : {stride};",
+            ]
+            tile.body[at] = f"const {self.ctype} {name} = {view}[{step}*{r} + {tile.gi}];"
 
     def panel(self, size: sp.Expr, used: dict[sp.Expr, int]) -> str:
         """A workspace buffer of ``size`` elements for one packed operand of a nest.

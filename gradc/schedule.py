@@ -18,8 +18,9 @@ the results stay IEEE and reproducible (no ``-ffast-math``):
   but not the rows (B of A·B, Bᵀ of A·Bᵀ, G of Xᵀ·G) are first *packed*: for each column
   tile, copied into a contiguous panel of the workspace that every row tile then streams
   through (strided or transposed reads happen once, not once per row tile).  An operand
-  read along the rows but strided along the reduction (X of Xᵀ·G) is packed once into
-  panels of row tiles, which every column tile then streams.  Sums are
+  read along the rows but strided along the reduction (X of Xᵀ·G), when it is too large
+  to stay in cache, is packed once into panels of row tiles, which every column tile then
+  streams.  Sums are
   blocked like lanes: each block of ``BLOCK`` reduction steps is added into a double tile
   (a sum over one fixed extent of at most ``BLOCK`` is a single block and needs none).
   Rows left over at the bottom edge run as tiles of one row; columns left over at the
@@ -70,6 +71,10 @@ TILE_DOTS = 4
 #: An innermost output axis of fewer elements than this (a vector of floats) makes a poor
 #: tile row: the tile is turned (see _turned_tile).
 NARROW = 16
+#: A row-tile panel (see _packed_tile) is filled only for an operand at least this large: a
+#: smaller one stays in the L2 cache of one core between column tiles, and its copy would
+#: cost more than the strided reads it saves (2 % of the MLP's value_and_grad).
+ROW_PANEL_MIN_BYTES = 1 << 20
 #: Extents assumed for named dimensions when comparing loop orders (only the ratios matter).
 TYPICAL_EXTENT = 1000
 #: Loop-box points below which a nest stays on one thread: waking a team of threads costs
@@ -91,7 +96,7 @@ class Schedule:
     pack_rows: tuple[int, ...] = ()  # "tile": operands (by position) copied once into panels of row tiles
 
 
-def _coefficient(shape: Sequence[ir.Extent], index: ir.IndexMap, var: int) -> sp.Expr:
+def coefficient(shape: Sequence[ir.Extent], index: ir.IndexMap, var: int) -> sp.Expr:
     """How far the linear offset of ``index`` moves when loop variable ``var`` grows by one."""
     stride, total = sp.Integer(1), sp.Integer(0)
     for extent, a in reversed(list(zip(shape, index))):
@@ -106,7 +111,7 @@ def _contiguous(node: ir.Map, var: int, with_output: bool) -> bool:
     accesses = [(op.node.shape, op.index) for op in node.operands]
     if with_output:
         accesses.append((node.shape, node.out_index))
-    return all(_coefficient(shape, index, var) in (0, 1) for shape, index in accesses)
+    return all(coefficient(shape, index, var) in (0, 1) for shape, index in accesses)
 
 
 def _footprint(node: ir.Map, loops: Sequence[int]) -> sp.Expr:
@@ -148,9 +153,11 @@ def _packed_tile(node: ir.Map) -> Schedule | None:
     operand that the columns and the reduction index but the rows do not is packed, whatever
     its strides; any other operand must be unit-stride or invariant along the columns, so
     that a tile row is one vector of it.  An operand of the rows and the reduction that is
-    strided along the reduction (X of Xᵀ·G) is packed too, once for all column tiles, when
-    there are several: each row tile then streams a contiguous panel, where it would read
-    a cache line per reduction step and the whole operand again for every column tile.
+    contiguous along the rows but strided along the reduction (X of Xᵀ·G) may be packed too,
+    once for all column tiles, when there are several: each row tile then streams a
+    contiguous panel, where it would read a cache line per reduction step and the whole
+    operand again for every column tile.  Whether it is depends on its size at run time
+    (``ROW_PANEL_MIN_BYTES``).
     """
     out_vars, red_vars = node.out_vars(), node.reduced_vars()
     if len(out_vars) < 2 or len(red_vars) != 1:
@@ -159,19 +166,19 @@ def _packed_tile(node: ir.Map) -> Schedule | None:
     red = red_vars[0]
     rows = sp.sympify(node.loop[row])
     # A panel pays for its copy only when several row tiles read it.
-    if _coefficient(node.shape, node.out_index, col) != 1 or (rows.is_Integer and rows <= TILE_ROWS):
+    if coefficient(node.shape, node.out_index, col) != 1 or (rows.is_Integer and rows <= TILE_ROWS):
         return None
     cols = sp.sympify(node.loop[col])
     pack, pack_rows = [], []
     for i, op in enumerate(node.operands):
         if _uses(op.index, col) and _uses(op.index, red) and not _uses(op.index, row) and op.node.dtype != "bool":
             pack.append(i)
-        elif _coefficient(op.node.shape, op.index, col) not in (0, 1):
+        elif coefficient(op.node.shape, op.index, col) not in (0, 1):
             return None
         elif (
-            _uses(op.index, row)
+            coefficient(op.node.shape, op.index, row) == 1
             and not _uses(op.index, col)
-            and _coefficient(op.node.shape, op.index, red) not in (0, 1)
+            and coefficient(op.node.shape, op.index, red) not in (0, 1)
             and op.node.dtype != "bool"
             and not (cols.is_Integer and cols <= TILE_COLS)
         ):
@@ -221,7 +228,7 @@ def schedule(node: ir.Map) -> Schedule:
                 return Schedule("dots", tuple(outer + [row, col] + red_vars), len(outer), True, (row, col))
             return Schedule("reduce", tuple(out_vars + red_vars), len(out_vars), True)
         for o in reversed(out_vars):
-            if _contiguous(node, o, with_output=True) and _coefficient(node.shape, node.out_index, o) == 1:
+            if _contiguous(node, o, with_output=True) and coefficient(node.shape, node.out_index, o) == 1:
                 others = [v for v in out_vars if v != o]
                 row = others[-1] if others else None
                 outer = [v for v in others if v != row]

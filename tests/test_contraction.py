@@ -157,6 +157,21 @@ def test_a_fixed_sum_of_one_block_gives_the_bits_of_the_blocked_sum(kernels, n, 
     assert "double wide" not in kernels["short"].c_source.split("_vjp(")[0]  # the forward
 
 
+def test_a_large_operand_through_row_panels_gives_the_bits_of_strided_reads(kernels):
+    # X.T @ G reads X, strided along the sum over n, from one panel per row tile once X has
+    # at least ROW_PANEL_MIN_BYTES; the sums are the same, so the first rows of d_W are the
+    # bits of X[:, :24] (too small for panels: read in place) through the same full tiles.
+    n, k, m = 2051, 136, 2 * C + 5
+    assert n * k * 4 >= schedule.ROW_PANEL_MIN_BYTES > n * 24 * 4
+    rng = np.random.default_rng(11)
+    X, W, G = inputs(rng, np.float32, (n, k), (k, m), (n, m))
+    _, (_, d_W) = kernels[np.float32].vjp(X, W, G)
+    _, (_, d_W_few) = kernels[np.float32].vjp(np.ascontiguousarray(X[:, :24]), W[:24], G)
+    np.testing.assert_array_equal(d_W[:24], d_W_few)
+    X, G = X.astype(np.float64), G.astype(np.float64)
+    check("X.T @ G", d_W, X.T @ G, np.abs(X).T @ np.abs(G), 2e-6)
+
+
 def test_same_inputs_same_bits(kernels):
     rng = np.random.default_rng(5)
     n, k, m = 2 * R + 5, 2 * B + 9, 2 * C + 3

@@ -158,6 +158,14 @@ def test_two_threads_match_one_and_numpy(compiled, name, big):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+def test_row_panels_filled_by_two_threads_give_the_same_bits(compiled):
+    # K*N above ROW_PANEL_MIN_BYTES: the weight gradient reads X from row panels, filled by the team
+    args = inputs("layer", dict(N=2051, K=131, M=45), seed=6)
+    one, two = (evaluate(compiled[("layer", t)], "layer", args) for t in (1, 2))
+    for a, b in zip(one[1], two[1]):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["layer", "pointwise"])
 def test_results_do_not_depend_on_the_thread_count(compiled, name):
     args = inputs(name, SIZES[name][True], seed=1)
@@ -219,7 +227,7 @@ def test_every_kind_of_nest_is_shared_or_deliberately_serial(compiled):
     assert re.search(r"#pragma omp parallel for[^\n]*\n#endif\n\s*for \(ptrdiff_t col0", d_w[:800])
     # the weight gradient's row panels are filled by the team too, one row tile per iteration
     c_source = compiled[("layer", 2)].c_source
-    assert re.search(r"/\* operands strided along the reduction[^\n]*\n#ifdef _OPENMP\n\s*#pragma omp parallel for", c_source)
+    assert re.search(r"/\* operands strided along the reduction[^\n]*\n.*\n.*if \(row_panels\) \{\n#ifdef _OPENMP\n\s*#pragma omp parallel for", c_source)
     # d_z[i + 1] += Z[j, i] over j, j outermost: rows j share every output, so the nest stays serial.
     shared = [c for c in forms if c.startswith("d_z[i + 1] +=")]
     assert shared and not any(forms[c].parallel for c in shared)

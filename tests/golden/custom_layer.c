@@ -629,12 +629,15 @@ int custom_layer_value_and_grad(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        /* operands strided along the reduction, in one panel per row tile for every column tile */
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
-            for (ptrdiff_t n = 0; n < N; ++n) {
-                for (int gi = 0; gi < 8; ++gi) {
-                    const ptrdiff_t k = row0 + gi;
-                    panel_3[N*row0 + 8*n + gi] = X[K*n + k];
+        /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
+        const int row_panels = K*N >= 262144;
+        if (row_panels) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                for (ptrdiff_t n = 0; n < N; ++n) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        const ptrdiff_t k = row0 + gi;
+                        panel_3[N*row0 + 8*n + gi] = X[K*n + k];
+                    }
                 }
             }
         }
@@ -646,6 +649,8 @@ int custom_layer_value_and_grad(
                 }
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                const float *X_rows = row_panels ? panel_3 + N*row0 : X + row0;
+                const ptrdiff_t X_step = row_panels ? 8 : K;
                 float tile[8][32];
                 double wide[8][32];
                 for (int gi = 0; gi < 8; ++gi)
@@ -662,7 +667,7 @@ int custom_layer_value_and_grad(
                                 const ptrdiff_t m = col0 + gj;
                                 (void)m;
                                 const float d_matmul_nm = panel_2[32*n + gj];
-                                const float X_nk = panel_3[N*row0 + 8*n + gi];
+                                const float X_nk = X_rows[X_step*n + gi];
                                 const float term_d_W = X_nk*d_matmul_nm;
                                 tile[gi][gj] += term_d_W;
                             }
@@ -1020,12 +1025,15 @@ int custom_layer_vjp(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        /* operands strided along the reduction, in one panel per row tile for every column tile */
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
-            for (ptrdiff_t n = 0; n < N; ++n) {
-                for (int gi = 0; gi < 8; ++gi) {
-                    const ptrdiff_t k = row0 + gi;
-                    panel_3[N*row0 + 8*n + gi] = X[K*n + k];
+        /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
+        const int row_panels = K*N >= 262144;
+        if (row_panels) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                for (ptrdiff_t n = 0; n < N; ++n) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        const ptrdiff_t k = row0 + gi;
+                        panel_3[N*row0 + 8*n + gi] = X[K*n + k];
+                    }
                 }
             }
         }
@@ -1037,6 +1045,8 @@ int custom_layer_vjp(
                 }
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                const float *X_rows = row_panels ? panel_3 + N*row0 : X + row0;
+                const ptrdiff_t X_step = row_panels ? 8 : K;
                 float tile[8][32];
                 double wide[8][32];
                 for (int gi = 0; gi < 8; ++gi)
@@ -1053,7 +1063,7 @@ int custom_layer_vjp(
                                 const ptrdiff_t m = col0 + gj;
                                 (void)m;
                                 const float d_matmul_nm = panel_2[32*n + gj];
-                                const float X_nk = panel_3[N*row0 + 8*n + gi];
+                                const float X_nk = X_rows[X_step*n + gi];
                                 const float term_d_W = X_nk*d_matmul_nm;
                                 tile[gi][gj] += term_d_W;
                             }
@@ -1844,13 +1854,16 @@ int custom_layer_hvp(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        /* operands strided along the reduction, in one panel per row tile for every column tile */
-        for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
-            for (ptrdiff_t n = 0; n < N; ++n) {
-                for (int gi = 0; gi < 8; ++gi) {
-                    const ptrdiff_t k = row0 + gi;
-                    panel_6[N*row0 + 8*n + gi] = X[K*n + k];
-                    panel_7[N*row0 + 8*n + gi] = v_X[K*n + k];
+        /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
+        const int row_panels = K*N >= 262144;
+        if (row_panels) {
+            for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                for (ptrdiff_t n = 0; n < N; ++n) {
+                    for (int gi = 0; gi < 8; ++gi) {
+                        const ptrdiff_t k = row0 + gi;
+                        panel_6[N*row0 + 8*n + gi] = X[K*n + k];
+                        panel_7[N*row0 + 8*n + gi] = v_X[K*n + k];
+                    }
                 }
             }
         }
@@ -1863,6 +1876,10 @@ int custom_layer_hvp(
                 }
             }
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
+                const float *X_rows = row_panels ? panel_6 + N*row0 : X + row0;
+                const ptrdiff_t X_step = row_panels ? 8 : K;
+                const float *v_X_rows = row_panels ? panel_7 + N*row0 : v_X + row0;
+                const ptrdiff_t v_X_step = row_panels ? 8 : K;
                 float tile[8][32];
                 double wide[8][32];
                 for (int gi = 0; gi < 8; ++gi)
@@ -1879,9 +1896,9 @@ int custom_layer_hvp(
                                 const ptrdiff_t m = col0 + gj;
                                 (void)m;
                                 const float d_matmul_nm = panel_4[32*n + gj];
-                                const float X_nk = panel_6[N*row0 + 8*n + gi];
+                                const float X_nk = X_rows[X_step*n + gi];
                                 const float t_d_matmul_nm = panel_5[32*n + gj];
-                                const float v_X_nk = panel_7[N*row0 + 8*n + gi];
+                                const float v_X_nk = v_X_rows[v_X_step*n + gi];
                                 const float term_hv_W = X_nk*t_d_matmul_nm + d_matmul_nm*v_X_nk;
                                 tile[gi][gj] += term_hv_W;
                             }
