@@ -195,6 +195,8 @@ class GradcCPrinter(C99CodePrinter):
             return self._print(expr.args[0])
         a = self._print(expr.args[0])
         b = self._print(expr.func(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1])
+        if expr.args[0].is_number and expr.args[0].is_finite:  # a cannot be NaN: b's NaN falls through
+            return f"(({a} {cmp} {b}) ? {a} : {b})"
         return f"((({a} {cmp} {b}) | ({a} != {a})) ? {a} : {b})"
 
     def _print_Max(self, expr):

@@ -379,6 +379,16 @@ def test_kinked_functions(expr, points):
             assert ev(x=v) == want, (expr, dtype, v)
 
 
+@pytest.mark.parametrize("expr", [sp.Max(x, 0), sp.Min(x, 1), sp.Max(x, -x, 1)], ids=str)
+def test_max_and_min_propagate_nan_as_numpy_and_test_constants_for_none(expr):
+    # NumPy's maximum/minimum: NaN in, NaN out.  A constant cannot be NaN, so its select
+    # tests only the comparison (no "0 != 0" in the C).
+    code = P32.doprint(expr)
+    assert not re.search(r"\b(\d+(\.\d*)?F?) != \1\b", code), code
+    for dtype in ("f32", "f64"):
+        assert math.isnan(CExpr((P32 if dtype == "f32" else P64).doprint(expr), dtype)(x=math.nan))
+
+
 def test_kinked_functions_print_no_calls_to_missing_helpers():
     for expr in (Relu(x), Step(x), sp.Heaviside(x), sp.sign(x), StopGradient(x)):
         code = P64.doprint(expr)
