@@ -86,6 +86,10 @@ class Lane:
     start: str
     l: str
     block_size: int
+    #: a block can end with fewer than a lane's width of elements: not when the extent is a
+    #: fixed multiple of the lanes (gcc -O2 -Wall then warns of the empty tail loop it
+    #: cannot prove empty, "iteration ... invokes undefined behavior")
+    tail: bool = True
 
 
 #: Operands of a tile to pack: the body line that loads each, to its local and (buffer, offset).
@@ -180,11 +184,11 @@ class Nest:
     starts: list[str] = field(default_factory=list)  # where each loop starts, when not all at 0
     after: list[str] = field(default_factory=list)  # after the loops: chunk partials to the outputs
     gemm: GemmCall | None = None  # backend "blas": the library call that may run instead of the loops
-    #: sin/cos in lanes: each block first checks (``near_scan``, ``near_check``) that every
+    #: sin/cos in lanes: each block first checks (``near_scan``, ``near_checks``) that every
     #: argument is small enough for the short reduction, then runs ``near_body`` or ``body``
     near: str = ""
     near_scan: list[str] = field(default_factory=list)
-    near_check: str = ""
+    near_checks: list[str] = field(default_factory=list)
     near_body: list[str] = field(default_factory=list)
 
 
@@ -239,9 +243,14 @@ class Names:
         return Names(self.taken)
 
 
+def grouped(c_expr: str) -> str:
+    """``c_expr`` ready to be an operand of ``*`` or ``/``: an extent such as ``N - 1`` in parentheses."""
+    return c_expr if re.fullmatch(r"\w+", c_expr) else f"({c_expr})"
+
+
 @functools.lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(build.templates_dir())),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -249,6 +258,8 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         bytecode_cache=build.template_cache(),
     )
+    env.filters["grouped"] = grouped
+    return env
 
 
 def template(name: str) -> jinja2.Template:
@@ -414,6 +425,10 @@ class FunctionLowering:
         # multiset matching and once dropped a factor; f(x)**2 prints as f(x)*f(x), and the
         # C compiler merges the two pure calls.
         temps, values = sp.cse([lower_for_c(e) for e in exprs], symbols=symbols)
+        # A nest that calls sin or cos in float32 may take their short reduction (near_path).
+        near = self.ctype == "float" and plan.kind not in ("tile", "dots") and (plan.lanes or (plan.kind == "map" and len(head.loop) > 0))
+        if near:
+            temps, values = self.near_arguments_as_locals(temps, values, symbols)
         printed: dict[int, tuple[str, sp.Expr, str]] = {}  # the body lines that print an expression
 
         def emit(before: str, expr: sp.Expr, after: str = ";") -> None:
@@ -486,7 +501,9 @@ class FunctionLowering:
         lane = None
         if lanes:
             v = loop_vars[plan.order[-1]]
-            lane = Lane(local.take(f"{v}_block"), local.take(f"{v}_end"), local.take(f"{v}_lane"), "gradc_l", schedule.BLOCK)
+            extent = head.loop[plan.order[-1]]
+            tail = not (extent.is_Integer and int(extent) % lanes == 0)
+            lane = Lane(local.take(f"{v}_block"), local.take(f"{v}_end"), local.take(f"{v}_lane"), "gradc_l", schedule.BLOCK, tail)
         to_math = indexed
         math = [
             NestMath(
@@ -516,7 +533,7 @@ class FunctionLowering:
             silent=tuple(v for v in loop_vars if not re.search(rf"\b{v}\b", "\n".join(body))),
         )
         # Not for tiles and dot products: their templates emit a body of their own.
-        if self.ctype == "float" and tile is None and (lanes or (plan.kind == "map" and nest.loops)):
+        if near:
             loaded = {loads[k]: body[load_line[k]] for k in loads}
             self.near_path(nest, local, printed, loaded, computed)
         if self.spec.threads > 1:
@@ -535,11 +552,10 @@ class FunctionLowering:
 
         ``printed`` holds the body lines that print an expression, by position, as (text
         before, expression, text after): the second body prints them again with the near
-        forms.  The scan before each block computes every argument from what it is made of:
-        operand loads (``loaded``: local -> line) and CSE temporaries (``computed``: local ->
-        expression and line).  The C compiler may contract the scan's arithmetic differently
-        from the body's; that moves an argument by an ulp, well inside the short reduction's
-        margin (it is exact up to about 2^20).
+        forms.  Every argument is a local (see near_arguments_as_locals); the scan before each
+        block computes it by the same lines as the body, from the operand loads (``loaded``:
+        local -> line) and CSE temporaries (``computed``: local -> expression and line) it
+        is made of.
         """
         args = list(dict.fromkeys(a for _, e, _ in printed.values() for a in self.fp.near_arguments(e)))
         if not args:
@@ -557,8 +573,8 @@ class FunctionLowering:
                 todo.extend(computed[sym][0].free_symbols if sym in computed else ())
         nest.near_scan = [line for sym, line in loaded.items() if sym in needed]
         nest.near_scan += [line for sym, (_, line) in computed.items() if sym in needed]
-        checks = " & ".join(f"(fabsf({self.fp.doprint(a)}) <= {NEAR_BOUND})" for a in args)
-        nest.near_check = f"{nest.near} &= {checks};"
+        # One statement per argument: clang's -Wall warns of a chain of & over calls.
+        nest.near_checks = [f"{nest.near} &= (fabsf({self.fp.doprint(a)}) <= {NEAR_BOUND});" for a in args]
         self.fp.near = True
         try:
             nest.near_body = list(nest.body)
@@ -566,6 +582,33 @@ class FunctionLowering:
                 nest.near_body[i] = before + self.fp.doprint(e) + after
         finally:
             self.fp.near = False
+
+    def near_arguments_as_locals(self, temps: list, values: list, symbols) -> tuple[list, list]:
+        """The CSE result with every argument of a sin or cos that has a near form made a local
+        of its own (from ``symbols``), before the line that calls it.  The C compiler then
+        computes each argument by one statement, the same in the scan of near_path and in the
+        body: with -ffp-contract=fast it could fuse a*b - c*d differently in two places, and
+        a cancelling argument could differ by far more than an ulp."""
+        out: list[tuple[sp.Symbol, sp.Expr]] = []
+        made: dict[sp.Expr, sp.Symbol] = {}
+
+        def local(arg: sp.Expr) -> sp.Expr:
+            if arg.is_Symbol:
+                return arg
+            if arg not in made:
+                made[arg] = next(symbols)
+                out.append((made[arg], arg))
+            return made[arg]
+
+        def rewrite(e: sp.Expr) -> sp.Expr:
+            # Bottom up: the argument of an inner call is a local before the outer one's is made.
+            return e.replace(self.fp.has_near_form, lambda call: call.func(local(call.args[0])))
+
+        for sym, e in temps:
+            e = rewrite(e)
+            out.append((sym, e))
+        values = [rewrite(v) for v in values]
+        return out, values
 
     def parallelise(self, nest: Nest, group: list[ir.Map], plan, reductions, local: Names) -> None:
         """Share the nest's outermost loop between threads (see ``parallel_form`` in gradc/schedule.py)."""
@@ -590,7 +633,7 @@ class FunctionLowering:
         chunks = schedule.CHUNKS
         v, extent = nest.loops[0]
         c, lo, hi = local.take("chunk"), local.take(f"{v}_lo"), local.take(f"{v}_hi")
-        total = extent if re.fullmatch(r"\w+", extent) else f"({extent})"
+        total = grouped(extent)
         if len(nest.loops) == 1:
             # The chunked loop is the vectorised one: chunks of whole blocks keep each element
             # on the path (vector body or scalar tail) it takes on one thread.
@@ -688,18 +731,19 @@ class FunctionLowering:
         along the rows, strided along the reduction) through a view of each row tile: a panel
         of (row extent) x (reduction extent) elements, filled once before the column tiles,
         where the reduction steps of a row tile are ``rows`` elements apart, when the operand
-        is too large to stay in cache (``schedule.ROW_PANEL_MIN_BYTES``); else the operand
-        itself.  The one-row tiles at the bottom edge read the operands where they are."""
+        is too large to stay in cache (``schedule.ROW_PANEL_MIN_BYTES``) and several column
+        tiles read it; else the operand itself.  The one-row tiles at the bottom edge read the operands where they are."""
         row, red = node.out_vars()[-2], node.reduced_vars()[0]
         r, r_extent = tile.reds[0]
         dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
         size = ir.num_elements([node.loop[row], node.loop[red]])
         tile.use_panels = local.take("row_panels")
         min_elements = schedule.ROW_PANEL_MIN_BYTES // (4 if self.ctype == "float" else 8)
-        tile.panel_test = f"{self.index(size.xreplace(dims))} >= {min_elements}"
+        # With one column tile the operand is read once either way.
+        tile.panel_test = f"{tile.col_full} > {tile.cols} && {self.index(size.xreplace(dims))} >= {min_elements}"
         first_row = list(var_syms)
         first_row[row], first_row[red] = sp.Symbol(tile.row0, integer=True), sp.Integer(0)
-        r_stride = r_extent if re.fullmatch(r"\w+", r_extent) else f"({r_extent})"
+        r_stride = grouped(r_extent)
         for at, (name, op) in sorted(rows.items()):
             buf = self.buffers[op.node.id]
             panel = self.panel(size, used)

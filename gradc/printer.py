@@ -85,9 +85,14 @@ class GradcCPrinter(C99CodePrinter):
     def _helper(self, name: str, arg) -> str | None:
         return VECTOR_MATH.get(name) if self.vector_math and not arg.is_number else None
 
+    def has_near_form(self, call: sp.Expr) -> bool:
+        """``call`` is a sin or cos that prints as a helper with a form for small arguments."""
+        return isinstance(call, (sp.sin, sp.cos)) and self._helper(type(call).__name__, call.args[0]) in NEAR_FORMS
+
     def near_arguments(self, expr: sp.Expr) -> list[sp.Expr]:
-        """The arguments of the sin and cos calls in ``expr`` that print as a helper with a near form."""
-        return [f.args[0] for f in expr.atoms(sp.sin, sp.cos) if self._helper(type(f).__name__, f.args[0]) in NEAR_FORMS]
+        """The arguments of those calls in ``expr``, in the order of its tree (not of a set:
+        the C must not depend on Python's hash seed)."""
+        return [f.args[0] for f in sp.preorder_traversal(expr) if self.has_near_form(f)]
 
     def _call(self, name: str, arg) -> str:
         """``name(arg)`` in this precision, through a vectorisable helper where there is one."""

@@ -57,6 +57,24 @@ from gradc import f32
 def diffs(x: f32["n"], w: f32["m", 3]):
     d = x[2:] - x[:-2]
     return gradc.sum(d * d) + gradc.max(w[-1])
+
+@gradc.kernel
+def sliced_product(X: f32["n", "k"], W: f32["k", 32]):
+    # extent n - 1: the register tiles' full-row count must not round up to n (32 columns:
+    # one full column tile at any size)
+    return gradc.sum(gradc.tanh(X[1:] @ W))
+'''
+
+# sin and cos of expressions, nested, under a select: each nest scans its arguments first
+SIN_COS_FILE = '''\
+import gradc
+from gradc import f32
+
+@gradc.kernel
+def waves(x: f32["n"], v: f32["n"]):
+    a = gradc.sin(gradc.exp(x)) + gradc.sin(gradc.log(v * v + 1)) + gradc.cos(gradc.tanh(x))
+    b = gradc.sin(2 * gradc.sin(3 * x)) * gradc.where(x > 0, gradc.cos(x * v), 0)
+    return gradc.sum(a * b)
 '''
 
 
@@ -64,8 +82,9 @@ def modules(tmp: Path) -> dict[str, Path]:
     """The DSL files whose C is checked: stem -> file."""
     (tmp / "optimisers.py").write_text(OPTIM_FILE)
     (tmp / "slices.py").write_text(SLICES_FILE)
+    (tmp / "sin_cos.py").write_text(SIN_COS_FILE)
     files = sorted(EXAMPLES.glob("*.py")) + [EXAMPLES / "c_training" / "model.py", EXAMPLES / "cpp_layer" / "layer.py"]
-    files += [tmp / "optimisers.py", tmp / "slices.py"]
+    files += [tmp / "optimisers.py", tmp / "slices.py", tmp / "sin_cos.py"]
     return {f.stem: f for f in files}
 
 
@@ -421,7 +440,7 @@ def test_header_describes_every_function(generated):
 
 
 def test_header_states_the_conditions_on_dimensions(generated):
-    (k,) = parse_header((generated["slices"] / "slices.h").read_text())
+    k, _ = parse_header((generated["slices"] / "slices.h").read_text())
     assert k.dims == ["n", "m"]
     assert valid(k, {"n": 2, "m": 1}) and not valid(k, {"n": 1, "m": 1}) and not valid(k, {"n": 2, "m": 0})
 

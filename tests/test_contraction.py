@@ -44,6 +44,12 @@ def batched(X: f32["S", "N", "K"], W: f32["S", "K", "M"]):
     return X @ W
 
 
+@gradc.kernel
+def sliced(X: f32["N", "K"], W: f32["K", "M"]):
+    # every extent of the product of X[1:] is N - 1: the tiles' full-row count is (N - 1) / 8 * 8
+    return X[1:] @ W
+
+
 # (N, K, M): 1; primes; one more / one less than a tile; several sum blocks; empty axes
 SIZES = [
     (1, 1, 1),
@@ -83,6 +89,7 @@ def kernels():
         "narrow": gradc.compile(narrow),
         "short": gradc.compile(short_sum),
         "batched": gradc.compile(batched),
+        "sliced": gradc.compile(sliced),
     }
 
 
@@ -159,7 +166,7 @@ def test_a_fixed_sum_of_one_block_gives_the_bits_of_the_blocked_sum(kernels, n, 
 
 def test_a_large_operand_through_row_panels_gives_the_bits_of_strided_reads(kernels):
     # X.T @ G reads X, strided along the sum over n, from one panel per row tile once X has
-    # at least ROW_PANEL_MIN_BYTES; the sums are the same, so the first rows of d_W are the
+    # at least ROW_PANEL_MIN_BYTES and two full column tiles read it; the sums are the same, so the first rows of d_W are the
     # bits of X[:, :24] (too small for panels: read in place) through the same full tiles.
     n, k, m = 2051, 136, 2 * C + 5
     assert n * k * 4 >= schedule.ROW_PANEL_MIN_BYTES > n * 24 * 4
@@ -170,6 +177,20 @@ def test_a_large_operand_through_row_panels_gives_the_bits_of_strided_reads(kern
     np.testing.assert_array_equal(d_W[:24], d_W_few)
     X, G = X.astype(np.float64), G.astype(np.float64)
     check("X.T @ G", d_W, X.T @ G, np.abs(X).T @ np.abs(G), 2e-6)
+
+
+@pytest.mark.parametrize("n, k, m", [(2, 1, 1), (R + 1, 3, C + 1), (200, 40, 45), (2052, 133, 45)])
+def test_products_of_a_slice_stay_in_bounds(kernels, n, k, m):
+    # Extents like N - 1 once printed as N - 1 / 8 * 8 (= N): full tiles ran a row past the
+    # end, and the last size's row panel past the workspace.
+    rng = np.random.default_rng(n + k + m)
+    X, W, G = inputs(rng, np.float32, (n, k), (k, m), (n - 1, m))
+    out, (d_X, d_W) = kernels["sliced"].vjp(X, W, G)
+    X, W, G = (a.astype(np.float64) for a in (X, W, G))
+    check("X[1:] @ W", out, X[1:] @ W, np.abs(X[1:]) @ np.abs(W), 2e-6)
+    assert not d_X[0].any()
+    check("G @ W.T", d_X[1:], G @ W.T, np.abs(G) @ np.abs(W).T, 2e-6)
+    check("X[1:].T @ G", d_W, X[1:].T @ G, np.abs(X[1:]).T @ np.abs(G), 2e-6)
 
 
 def test_same_inputs_same_bits(kernels):

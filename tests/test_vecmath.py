@@ -299,10 +299,12 @@ def test_arguments_that_are_expressions_take_the_short_reduction_too():
     k = gradc.compile(sin_of_expressions, wrt=[])
     forward = k.c_source[k.c_source.index("int sin_of_expressions_forward(") :]
     forward = forward[: forward.index("return GRADC_OK;")]
-    assert re.findall(r"near &= (.*);", forward) == [
-        "(fabsf(v_n*x_n) <= 0x1p19f) & (fabsf(3*x_n) <= 0x1p19f)",
-        "(fabsf(x_i - x_v) <= 0x1p19f)",
-    ]
+    # each argument a local of its own, computed by the same line in the scan and the body
+    scans = re.findall(r"int near = 1;\n(.*?)\n\s*if \(near\)", forward, re.S)
+    assert [re.findall(r"near &= \(fabsf\((\w+)\) <= 0x1p19f\);", scan) for scan in scans] == [["t0", "t1"], ["t0"]]
+    assert "const float t0 = v_n*x_n;" in scans[0] and "const float t1 = 3*x_n;" in scans[0]
+    assert "const float t0 = x_i - x_v;" in scans[1]
+    assert forward.count("const float t0 = v_n*x_n;") == 3  # the scan and both bodies
     rng = np.random.default_rng(7)
     x = rng.uniform(-100, 100, 1000).astype(np.float32)
     v = rng.uniform(-100, 100, 1000).astype(np.float32)

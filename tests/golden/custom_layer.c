@@ -630,7 +630,7 @@ int custom_layer_value_and_grad(
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
         /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
-        const int row_panels = K*N >= 262144;
+        const int row_panels = col_full > 32 && K*N >= 262144;
         if (row_panels) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 for (ptrdiff_t n = 0; n < N; ++n) {
@@ -1026,7 +1026,7 @@ int custom_layer_vjp(
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
         /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
-        const int row_panels = K*N >= 262144;
+        const int row_panels = col_full > 32 && K*N >= 262144;
         if (row_panels) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 for (ptrdiff_t n = 0; n < N; ++n) {
@@ -1855,7 +1855,7 @@ int custom_layer_hvp(
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
         /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
-        const int row_panels = K*N >= 262144;
+        const int row_panels = col_full > 32 && K*N >= 262144;
         if (row_panels) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
                 for (ptrdiff_t n = 0; n < N; ++n) {
