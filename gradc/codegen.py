@@ -143,6 +143,7 @@ class Tile:
     row_packs: list[str] = field(default_factory=list)
     row_views: list[str] = field(default_factory=list)
     lanes: int = 0  # "dots": each cell of the tile is a dot product in this many lanes
+    tail: bool = True  # "dots": a block can end with fewer than ``lanes`` steps (see Lane.tail)
     lane_update: str = ""
     tail_update: str = ""
     part: str = ""
@@ -675,8 +676,10 @@ class FunctionLowering:
         extra = {}
         if dots:
             lanes = _fit(schedule.LANES if self.ctype == "float" else schedule.LANES // 2, node.loop[reds[-1]])
+            r_extent = node.loop[reds[-1]]
             extra = dict(
                 lanes=lanes,
+                tail=not (r_extent.is_Integer and int(r_extent) % lanes == 0),  # see Lane.tail
                 l=local.take("l"),
                 r_lane=local.take(f"{loop_vars[reds[-1]]}_lane"),
                 part=local.take("part"),
@@ -831,8 +834,8 @@ class FunctionLowering:
         alpha = self.fp.doprint(sp.Float(g.alpha) if self.ctype == "float" else g.alpha)
         trans = lambda t: "GRADC_TRANS" if t else "GRADC_NO_TRANS"
         call = (
-            f"{fn}(GRADC_ROW_MAJOR, {trans(g.trans_a)}, {trans(g.trans_b)}, (int){m}, (int){n}, (int){k}, {alpha}, "
-            f"{a}, (int){lda}, {b}, (int){ldb}, 0, {out}, (int){n})"
+            f"{fn}(GRADC_ROW_MAJOR, {trans(g.trans_a)}, {trans(g.trans_b)}, (int){grouped(m)}, (int){grouped(n)}, (int){grouped(k)}, "
+            f"{alpha}, {a}, (int){grouped(lda)}, {b}, (int){grouped(ldb)}, 0, {out}, (int){grouped(n)})"
         )
         # The C stays ASCII: ^T for a transpose.
         ta, tb = ("^T" if g.trans_a else ""), ("^T" if g.trans_b else "")

@@ -65,6 +65,20 @@ def sliced_product(X: f32["n", "k"], W: f32["k", 32]):
     return gradc.sum(gradc.tanh(X[1:] @ W))
 '''
 
+# fixed extents that are multiples of the lanes: blocks without a scalar tail loop
+FIXED_FILE = '''\
+import gradc
+from gradc import f32
+
+@gradc.kernel
+def row_sums(X: f32["n", 32]):
+    return gradc.sum(X * X, axis=1)
+
+@gradc.kernel
+def pair_dots(X: f32[8, 32], W: f32["m", 32]):
+    return gradc.sum(X[:, None, :] * W[None, :, :], axis=2)
+'''
+
 # sin and cos of expressions, nested, under a select: each nest scans its arguments first
 SIN_COS_FILE = '''\
 import gradc
@@ -83,8 +97,9 @@ def modules(tmp: Path) -> dict[str, Path]:
     (tmp / "optimisers.py").write_text(OPTIM_FILE)
     (tmp / "slices.py").write_text(SLICES_FILE)
     (tmp / "sin_cos.py").write_text(SIN_COS_FILE)
+    (tmp / "fixed.py").write_text(FIXED_FILE)
     files = sorted(EXAMPLES.glob("*.py")) + [EXAMPLES / "c_training" / "model.py", EXAMPLES / "cpp_layer" / "layer.py"]
-    files += [tmp / "optimisers.py", tmp / "slices.py", tmp / "sin_cos.py"]
+    files += [tmp / "optimisers.py", tmp / "slices.py", tmp / "sin_cos.py", tmp / "fixed.py"]
     return {f.stem: f for f in files}
 
 

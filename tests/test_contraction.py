@@ -7,6 +7,8 @@ sum blocks (1, primes, one more and one less than a tile), through ``vjp`` and t
 ``value_and_grad`` of a loss.  Dimensions are runtime values: each kernel compiles once.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,12 @@ def sliced(X: f32["N", "K"], W: f32["K", "M"]):
     return X[1:] @ W
 
 
+@gradc.kernel
+def fixed_dots(X: f32[8, 32], W: f32["M", 32]):
+    # dot products over a fixed 32: two whole lane widths, no scalar tail loop
+    return gradc.sum(X[:, None, :] * W[None, :, :], axis=2)
+
+
 # (N, K, M): 1; primes; one more / one less than a tile; several sum blocks; empty axes
 SIZES = [
     (1, 1, 1),
@@ -90,6 +98,7 @@ def kernels():
         "short": gradc.compile(short_sum),
         "batched": gradc.compile(batched),
         "sliced": gradc.compile(sliced),
+        "fixed_dots": gradc.compile(fixed_dots),
     }
 
 
@@ -191,6 +200,18 @@ def test_products_of_a_slice_stay_in_bounds(kernels, n, k, m):
     assert not d_X[0].any()
     check("G @ W.T", d_X[1:], G @ W.T, np.abs(G) @ np.abs(W).T, 2e-6)
     check("X[1:].T @ G", d_W, X[1:].T @ G, np.abs(X[1:]).T @ np.abs(G), 2e-6)
+
+
+@pytest.mark.parametrize("m", [1, 5, 9])
+def test_dot_products_over_a_fixed_multiple_of_the_lanes(kernels, m):
+    rng = np.random.default_rng(m)
+    X, W, G = inputs(rng, np.float32, (8, 32), (m, 32), (8, m))
+    out, (d_X, d_W) = kernels["fixed_dots"].vjp(X, W, G)
+    assert not re.search(r"for \(ptrdiff_t (\w+) = \1_lane;", kernels["fixed_dots"].c_source)  # no tail loop
+    X, W, G = (a.astype(np.float64) for a in (X, W, G))
+    check("X @ W.T", out, X @ W.T, np.abs(X) @ np.abs(W).T, 2e-6)
+    check("G @ W", d_X, G @ W, np.abs(G) @ np.abs(W), 2e-6)
+    check("G.T @ X", d_W, G.T @ X, np.abs(G).T @ np.abs(X), 2e-6)
 
 
 def test_same_inputs_same_bits(kernels):

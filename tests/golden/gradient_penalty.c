@@ -743,17 +743,8 @@ int gradient_penalty_value_and_grad(
                     }
                     for (int gi = 0; gi < 1; ++gi) {
                         for (int gj = 0; gj < 4; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
                             float part = tile[gi][gj][0];
                             for (int l = 1; l < 1; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
-                                (void)i;
-                                const float d_sum_0 = d_sum[0];
-                                const float d_x_0j = d_x[j];
-                                const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
-                                part += term_d_Wt_1;
-                            }
                             wide[gi][gj] += part;
                         }
                     }
@@ -1369,17 +1360,8 @@ int gradient_penalty_vjp(
                     }
                     for (int gi = 0; gi < 1; ++gi) {
                         for (int gj = 0; gj < 4; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
                             float part = tile[gi][gj][0];
                             for (int l = 1; l < 1; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
-                                (void)i;
-                                const float d_sum_0 = d_sum[0];
-                                const float d_x_0j = d_x[j];
-                                const float term_d_Wt_1 = ((((float)B) == 0) ? 0 : 2*((float)B)*d_sum_0*d_x_0j);
-                                part += term_d_Wt_1;
-                            }
                             wide[gi][gj] += part;
                         }
                     }
@@ -2693,19 +2675,8 @@ int gradient_penalty_hvp(
                     }
                     for (int gi = 0; gi < 1; ++gi) {
                         for (int gj = 0; gj < 4; ++gj) {
-                            const ptrdiff_t i = row0 + gi;
-                            const ptrdiff_t j = col0 + gj;
                             float part = tile[gi][gj][0];
                             for (int l = 1; l < 1; ++l) part += tile[gi][gj][l];
-                            for (ptrdiff_t k = k_lane; k < blk_end; ++k) {
-                                (void)i;
-                                const float d_sum_0 = d_sum[0];
-                                const float d_x_0j = d_x[j];
-                                const float t_d_sum_0 = t_d_sum[0];
-                                const float t_d_x_0j = t_d_x[j];
-                                const float term_t_d_Wt = ((((float)B) == 0) ? 0 : ((float)B)*(2*d_sum_0*t_d_x_0j + 2*d_x_0j*t_d_sum_0));
-                                part += term_t_d_Wt;
-                            }
                             wide[gi][gj] += part;
                         }
                     }
