@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,27 @@ def test_each_entry_point_is_a_unit_of_its_own_and_the_cache_keeps_them(private_
 
     assert defined("squares_0.c") == {"squares_workspace_size", "squares_forward"}
     assert defined("squares_1.c") == {"squares_value_and_grad"}
+
+
+def test_the_glue_is_optimised_less_than_the_kernels(private_cache, monkeypatch):
+    # cffi's unit holds only the Python glue: GLUE_CFLAGS come after the kernel's flags there
+    commands = []
+    real = build._run_all
+
+    def spy(cmds, order, workdir, jobs):
+        commands.extend(cmds)
+        return real(cmds, order, workdir, jobs)
+
+    monkeypatch.setattr(build, "_run_all", spy)
+    k = gradc.compile(gradc.kernel(squares.fn))
+    assert k.value_and_grad(np.array([1.0, 2.0]))[0] == 5.0
+    compiled = {Path(c[c.index("-c") + 1]).name: c for c in commands if "-c" in c}
+    (glue,) = [c for name, c in compiled.items() if not re.search(r"_\d+\.c$", name)]
+    units = [c for name, c in compiled.items() if re.search(r"_\d+\.c$", name)]
+    assert len(units) == 2
+    assert glue[-len(build.GLUE_CFLAGS) :] == list(build.GLUE_CFLAGS)
+    for unit in units:
+        assert "-O3" in unit and not set(build.GLUE_CFLAGS) & set(unit)
 
 
 def test_one_compiler_at_a_time_builds_the_same_kernel(private_cache, monkeypatch):
