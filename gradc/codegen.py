@@ -735,7 +735,8 @@ class FunctionLowering:
         of (row extent) x (reduction extent) elements, filled once before the column tiles,
         where the reduction steps of a row tile are ``rows`` elements apart, when the operand
         is too large to stay in cache (``schedule.ROW_PANEL_MIN_BYTES``) and several column
-        tiles read it; else the operand itself.  The one-row tiles at the bottom edge read the operands where they are."""
+        tiles read it; else the operand itself.  The one-row tiles at the bottom edge read
+        the operands where they are."""
         row, red = node.out_vars()[-2], node.reduced_vars()[0]
         r, r_extent = tile.reds[0]
         dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
