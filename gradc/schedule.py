@@ -20,9 +20,9 @@ the results stay IEEE and reproducible (no ``-ffast-math``):
   through (strided or transposed reads happen once, not once per row tile).  An operand
   read along the rows but strided along the reduction (X of Xᵀ·G), when it is too large
   to stay in cache, is packed once into panels of row tiles, which every column tile then
-  streams.  Sums are
-  blocked like lanes: each block of ``BLOCK`` reduction steps is added into a double tile
-  (a sum over one fixed extent of at most ``BLOCK`` is a single block and needs none).
+  streams.  Sums are blocked like lanes: each block of ``BLOCK`` reduction steps is added
+  into a double tile (a sum over one fixed extent of at most ``BLOCK`` is a single block
+  and needs none).
   Rows left over at the bottom edge run as tiles of one row; columns left over at the
   right edge fall back to one accumulator per element.
 * ``dots``: a contraction whose operands are contiguous along the reduction but that no

@@ -629,7 +629,7 @@ int custom_layer_value_and_grad(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
+        /* operands strided along the reduction: copied into a panel per row tile when too large for the cache */
         const int row_panels = col_full > 32 && K*N >= 262144;
         if (row_panels) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
@@ -1025,7 +1025,7 @@ int custom_layer_vjp(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
+        /* operands strided along the reduction: copied into a panel per row tile when too large for the cache */
         const int row_panels = col_full > 32 && K*N >= 262144;
         if (row_panels) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
@@ -1854,7 +1854,7 @@ int custom_layer_hvp(
     {
         const ptrdiff_t row_full = K / 8 * 8;
         const ptrdiff_t col_full = M / 32 * 32;
-        /* operands strided along the reduction: when too large for the cache, into one panel per row tile for every column tile */
+        /* operands strided along the reduction: copied into a panel per row tile when too large for the cache */
         const int row_panels = col_full > 32 && K*N >= 262144;
         if (row_panels) {
             for (ptrdiff_t row0 = 0; row0 < row_full; row0 += 8) {
