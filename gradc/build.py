@@ -273,10 +273,8 @@ def _compile(source: str, cdef: str, module_name: str, cflags: Sequence[str], li
         c_files[-1].write_text(unit)
     so = workdir / f"{module_name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
     objects = [c.with_suffix(".o") for c in c_files]
-    commands = [_compile_command(c, o, options) for c, o in zip(c_files, objects)]
-    if units:
-        glue = {**options, "extra_compile_args": [*options["extra_compile_args"], *GLUE_CFLAGS]}
-        commands[0] = _compile_command(c_files[0], objects[0], glue)
+    glue = {**options, "extra_compile_args": [*options["extra_compile_args"], *GLUE_CFLAGS]} if units else options
+    commands = [_compile_command(c, o, glue if i == 0 else options) for i, (c, o) in enumerate(zip(c_files, objects))]
     # The longest files first, so that no long compile starts last.
     order = sorted(range(len(commands)), key=lambda i: -c_files[i].stat().st_size)
     outcomes = _run_all(commands, order, workdir, compile_jobs())

@@ -277,6 +277,8 @@ class FunctionLowering:
         self.ctype = self.fp.ctype
         self.names = Names(spec.dims)
         self.dim_syms = {ir.dim_symbol(d): d for d in spec.dims}
+        #: the IR's dimension symbols -> the C parameters' (integers, never negative)
+        self.c_dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
         self.buffers: dict[int, str] = {}
         self.shapes: dict[str, tuple] = {}
         self.read: set[str] = set()
@@ -387,7 +389,6 @@ class FunctionLowering:
         local = self.names.child()
         loop_vars = self.loop_names(head.loop, local)
         var_syms = [sp.Symbol(v, integer=True) for v in loop_vars]
-        dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
 
         loads: dict[tuple[str, str], sp.Symbol] = {}
         load_line: dict[tuple[str, str], int] = {}  # where in the body each operand is read
@@ -420,7 +421,7 @@ class FunctionLowering:
                         loads[key] = sp.Symbol(name, real=True)
                     indexed[loads[key]] = self.indexed(buf, op.index, var_syms)
                 subs[op.symbol] = loads[key]
-            exprs.append(node.expr.xreplace(subs).xreplace(dims))
+            exprs.append(node.expr.xreplace(subs).xreplace(self.c_dims))
         symbols = (sp.Symbol(local.take(f"t{n}"), real=True) for n in range(10**6))
         # Unevaluated products (x*x written out so CSE would share x) confuse sympy.cse's
         # multiset matching and once dropped a factor; f(x)**2 prints as f(x)*f(x), and the
@@ -495,15 +496,12 @@ class FunctionLowering:
             if plan.pack_rows:
                 rows = {load_line[operand_keys[i]]: (loads[operand_keys[i]], head.operands[i]) for i in plan.pack_rows}
                 self.row_panels(tile, rows, head, var_syms, local, used)
-            tile.silent, tile.edge_silent = (
-                tuple(v for v in (tile.row[0] if tile.row else None, tile.col[0]) if v and not re.search(rf"\b{v}\b", "\n".join(lines)))
-                for lines in (tile.body, tile.edge_body)
-            )
+            cell = (tile.row[0] if tile.row else None, tile.col[0])
+            tile.silent, tile.edge_silent = _unread(cell, tile.body), _unread(cell, tile.edge_body)
         lane = None
         if lanes:
             v = loop_vars[plan.order[-1]]
-            extent = head.loop[plan.order[-1]]
-            tail = not (extent.is_Integer and int(extent) % lanes == 0)
+            tail = _may_end_short(head.loop[plan.order[-1]], lanes)
             lane = Lane(local.take(f"{v}_block"), local.take(f"{v}_end"), local.take(f"{v}_lane"), "gradc_l", schedule.BLOCK, tail)
         to_math = indexed
         math = [
@@ -531,7 +529,7 @@ class FunctionLowering:
             lane=lane,
             math=math,
             tile=tile,
-            silent=tuple(v for v in loop_vars if not re.search(rf"\b{v}\b", "\n".join(body))),
+            silent=_unread(loop_vars, body),
         )
         # Not for tiles and dot products: their templates emit a body of their own.
         if near:
@@ -676,10 +674,9 @@ class FunctionLowering:
         extra = {}
         if dots:
             lanes = _fit(schedule.LANES if self.ctype == "float" else schedule.LANES // 2, node.loop[reds[-1]])
-            r_extent = node.loop[reds[-1]]
             extra = dict(
                 lanes=lanes,
-                tail=not (r_extent.is_Integer and int(r_extent) % lanes == 0),  # see Lane.tail
+                tail=_may_end_short(node.loop[reds[-1]], lanes),
                 l=local.take("l"),
                 r_lane=local.take(f"{loop_vars[reds[-1]]}_lane"),
                 part=local.take("part"),
@@ -739,12 +736,11 @@ class FunctionLowering:
         the operands where they are."""
         row, red = node.out_vars()[-2], node.reduced_vars()[0]
         r, r_extent = tile.reds[0]
-        dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
         size = ir.num_elements([node.loop[row], node.loop[red]])
         tile.use_panels = local.take("row_panels")
         min_elements = schedule.ROW_PANEL_MIN_BYTES // (4 if self.ctype == "float" else 8)
         # With one column tile the operand is read once either way.
-        tile.panel_test = f"{tile.col_full} > {tile.cols} && {self.index(size.xreplace(dims))} >= {min_elements}"
+        tile.panel_test = f"{tile.col_full} > {tile.cols} && {self.index(size.xreplace(self.c_dims))} >= {min_elements}"
         first_row = list(var_syms)
         first_row[row], first_row[red] = sp.Symbol(tile.row0, integer=True), sp.Integer(0)
         r_stride = grouped(r_extent)
@@ -755,7 +751,7 @@ class FunctionLowering:
             offset = self.linear(op.node.shape, op.index, var_syms)
             tile.row_packs.append(f"{panel}[{r_stride}*{tile.row0} + {tile.rows}*{r} + {tile.gi}] = {buf}[{offset}];")
             base = self.linear(op.node.shape, op.index, first_row)
-            stride = self.index(schedule.coefficient(op.node.shape, op.index, red).xreplace(dims))
+            stride = self.index(schedule.coefficient(op.node.shape, op.index, red).xreplace(self.c_dims))
             tile.row_views += [
                 f"const {self.ctype} *{view} = {tile.use_panels} ? {panel} + {r_stride}*{tile.row0} : {buf} + {base};",
                 f"const ptrdiff_t {step} = {tile.use_panels} ? {tile.rows} : {stride};",
@@ -789,19 +785,17 @@ class FunctionLowering:
     def indexed(self, buf: str, index: ir.IndexMap, var_syms) -> sp.Expr:
         if not index:
             return sp.Symbol(buf)
-        dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
-        pos = [(a.offset if a.var is None else a.stride * var_syms[a.var] + a.offset).xreplace(dims) for a in index]
+        pos = [(a.offset if a.var is None else a.stride * var_syms[a.var] + a.offset).xreplace(self.c_dims) for a in index]
         return sp.IndexedBase(buf)[tuple(pos)]
 
     def linear(self, shape, index: ir.IndexMap, var_syms) -> str:
         stride = sp.Integer(1)
         total = sp.Integer(0)
-        dims = {s: sp.Symbol(d, integer=True, nonnegative=True) for s, d in self.dim_syms.items()}
         for extent, a in reversed(list(zip(shape, index))):
             pos = a.offset if a.var is None else a.stride * var_syms[a.var] + a.offset
             total += stride * pos
             stride = stride * extent
-        return self.index(total.xreplace(dims))
+        return self.index(total.xreplace(self.c_dims))
 
     def describe(self, node: ir.Map, loop_vars, var_syms) -> str:
         out = self.buffers[node.id]
@@ -851,6 +845,19 @@ class FunctionLowering:
         var = sp.Symbol(e, integer=True)
         math = NestMath(sp.IndexedBase(name)[var], None, [], sp.IndexedBase(src)[var], [], sp.IndexedBase(src)[var], sorted(node.sources))
         return Nest([f"{name} = {src} (output copy)"], [], [(e, size)], 0, [], [f"{name}[{e}] = {src}[{e}];"], [], [], 0, None, [math])
+
+
+def _may_end_short(extent, lanes: int) -> bool:
+    """A loop over ``extent`` in blocks of whole lanes (blocks start at multiples of
+    ``schedule.BLOCK``) can end with a tail shorter than ``lanes``: unless the extent is a
+    fixed multiple of them.  See ``Lane.tail``."""
+    return not (extent.is_Integer and int(extent) % lanes == 0)
+
+
+def _unread(names, lines: Sequence[str]) -> tuple[str, ...]:
+    """Those of ``names`` (loop variables) that ``lines`` never mention: the C needs (void) for them."""
+    text = "\n".join(lines)
+    return tuple(v for v in names if v and not re.search(rf"\b{v}\b", text))
 
 
 def _fit(size: int, extent) -> int:
